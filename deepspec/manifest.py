@@ -92,6 +92,14 @@ def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]
     }
 
 
+def write_resolved_config(directory: str | os.PathLike[str], config: Any) -> None:
+    """Write the fully resolved config (defaults filled in) as ``config.yaml`` next to a stage's output."""
+    import yaml
+
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    atomic_write_text(Path(directory) / "config.yaml", text)
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Return the manifest of a finished output, or None when the output is missing or unfinished."""
     path = Path(directory) / MANIFEST_NAME

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from deepspec.config import PipelineConfig
 from deepspec.manifest import fingerprint, stage_dir
 
+DATA_DIR_ENV = "DEEPSPEC_DATA_DIR"
+
 STAGES = ("prompts", "regen", "cache", "train", "eval")
+# How many processes run a stage does not change its output: the data order and
+# the global batch are defined independently of the world size.
+LAUNCH_KEYS = ("nproc_per_node",)
 UPSTREAM = {"prompts": (), "regen": ("prompts",), "cache": ("regen",), "train": ("cache",), "eval": ("prompts", "train")}
 
 
@@ -32,12 +38,16 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict[str, Any]:
     if stage == "regen":
         return {"regen": dump["regen"], "target": target_identity(config)}
     if stage == "cache":
-        return {"cache": dump["cache"], "target": target_identity(config)}
+        return {"cache": _without(dump["cache"], LAUNCH_KEYS), "target": target_identity(config)}
     if stage == "train":
-        return {"draft": dump["draft"], "train": dump["train"]}
+        return {"draft": dump["draft"], "train": _without(dump["train"], LAUNCH_KEYS)}
     if stage == "eval":
         return {"eval": dump["eval"], "target": target_identity(config)}
     raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+def _without(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: value for key, value in section.items() if key not in keys}
 
 
 def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
@@ -56,3 +66,9 @@ def stage_inputs(config: PipelineConfig, stage: str) -> dict[str, str]:
 def stage_output(config: PipelineConfig, stage: str) -> Path:
     """Return ``<storage.root>/<stage>/<fingerprint>`` for this config."""
     return stage_dir(config.storage.root, stage, stage_fingerprints(config)[stage])
+
+
+def resolve_data_dir(config: PipelineConfig) -> Path | None:
+    """Return ``data.data_dir``, else ``$DEEPSPEC_DATA_DIR``, else None (sources then come from the hub)."""
+    value = config.data.data_dir or os.environ.get(DATA_DIR_ENV)
+    return Path(value).expanduser() if value else None

@@ -1,0 +1,1 @@
+"""Answer regeneration with the target."""

@@ -1,0 +1,1 @@
+"""Draft training: torchrun DDP over the target cache."""

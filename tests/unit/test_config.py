@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+
+from deepspec.config import ConfigError, apply_override, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[2]
+MINIMAL = {"data": {"sources": [{"name": "gsm8k"}]}}
+
+
+def write_yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_every_shipped_config_validates():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files, "configs/ holds no YAML file"
+    for path in files:
+        load_config(path)
+
+
+def test_override_gives_typed_float(tmp_path):
+    path = write_yaml(tmp_path, "data:\n  sources:\n    - name: gsm8k\n")
+    config = load_config(path, ["train.lr=3e-4", "train.max_steps=12", "eval.temperatures=[0, 1.0]"])
+    assert isinstance(config.train.lr, float)
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.train.max_steps == 12
+    assert config.eval.temperatures == [0.0, 1.0]
+
+
+def test_override_keeps_numeric_text_for_string_key():
+    raw = {"data": {"sources": [{"name": "gsm8k"}]}}
+    apply_override(raw, "storage.root=2024")
+    assert validate_config(raw).storage.root == "2024"
+
+
+def test_unknown_key_names_dotted_path_and_allowed_keys(tmp_path):
+    path = write_yaml(tmp_path, "data:\n  sources:\n    - name: gsm8k\ntrain:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "train.learning_rate" in message
+    assert "unknown key" in message
+    assert "lr" in message.split("allowed keys here:")[1]
+
+
+def test_wrong_type_names_key_value_and_allowed(tmp_path):
+    path = write_yaml(tmp_path, "data:\n  sources:\n    - name: gsm8k\ntrain:\n  precision: fp8\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "train.precision" in message
+    assert "'fp8'" in message
+    assert "'fp32' or 'bf16'" in message
+
+
+def test_unknown_override_key_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        apply_override(dict(MINIMAL), "train.lrr=1")
+
+
+def test_override_with_invalid_value_rejected():
+    with pytest.raises(ConfigError, match="invalid value 'many' for train.max_steps"):
+        apply_override(dict(MINIMAL), "train.max_steps=many")
+
+
+def test_override_without_equals_rejected():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override(dict(MINIMAL), "train.lr")
+
+
+def test_config_from_environment_variable(tmp_path, monkeypatch):
+    path = write_yaml(tmp_path, "data:\n  sources:\n    - name: gsm8k\n")
+    monkeypatch.setenv("DEEPSPEC_CONFIG", str(path))
+    assert load_config(None).data.sources[0].name == "gsm8k"
+
+
+def test_missing_config_explains_both_ways(monkeypatch):
+    monkeypatch.delenv("DEEPSPEC_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="--config FILE or set the DEEPSPEC_CONFIG"):
+        load_config(None)
+
+
+def test_yaml_is_never_executed(tmp_path):
+    path = write_yaml(tmp_path, "!!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_batch_sizes_must_divide():
+    raw = {**MINIMAL, "train": {"global_batch_size": 10, "per_device_batch_size": 4}}
+    with pytest.raises(ConfigError, match="multiple of"):
+        validate_config(raw)
+
+
+def test_layer_ids_must_increase():
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        validate_config({**MINIMAL, "cache": {"layer_ids": [2, 1]}})
+
+
+def test_eval_benchmarks_must_be_sources():
+    with pytest.raises(ConfigError, match="not in data.sources"):
+        validate_config({**MINIMAL, "eval": {"benchmarks": ["mbpp"]}})
