@@ -212,7 +212,9 @@ class RejectLog:
         self.close()
 
 
-def check_kept_fraction(stage: str, kept: int, total: int, minimum: float, key: str, rejected: Mapping[str, int]) -> None:
+def check_kept_fraction(
+    stage: str, kept: int, total: int, minimum: float, key: str, rejected: Mapping[str, int]
+) -> None:
     """Fail a stage whose share of kept records fell below ``minimum``."""
     if total == 0:
         raise RuntimeError(f"{stage}: no input records; check the upstream output and the data sources")

@@ -15,7 +15,13 @@ STAGES = ("prompts", "regen", "cache", "train", "eval")
 # How many processes run a stage does not change its output: the data order and
 # the global batch are defined independently of the world size.
 LAUNCH_KEYS = ("nproc_per_node",)
-UPSTREAM = {"prompts": (), "regen": ("prompts",), "cache": ("regen",), "train": ("cache",), "eval": ("prompts", "train")}
+UPSTREAM = {
+    "prompts": (),
+    "regen": ("prompts",),
+    "cache": ("regen",),
+    "train": ("cache",),
+    "eval": ("prompts", "train"),
+}
 
 
 def target_identity(config: PipelineConfig) -> dict[str, Any]:

@@ -37,7 +37,7 @@ A cache output directory (``<storage.root>/cache/<fingerprint>/``) contains:
     in record order: ``id``, ``offset`` of its input_ids in the shard,
     ``seq_len``, ``loss_tokens``), ``rejected`` (count per reason) and
     ``writer`` (settings of the process that wrote it: target identity,
-    chat-template hash, max_length, ...).
+    chat-template hash, max_length, ...) and ``elapsed_s`` (build time).
 
 ``shards/unit-NNNNN.rejects.jsonl``
     The unit's rejected records, one JSON object per line (``reason``,
@@ -305,8 +305,8 @@ class UnitWriter:
         entry = {"reason": reason, "id": record_id, "detail": detail, "record": record}
         self._rejects.append(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
-    def commit(self) -> dict[str, Any]:
-        """Publish the unit (shard, rejects, then index) and return its index."""
+    def commit(self, elapsed_s: float = 0.0) -> dict[str, Any]:
+        """Publish the unit (shard, rejects, then index) and return its index; ``elapsed_s`` is recorded."""
         if self._pending:
             missing = sorted(self._pending)[:5]
             raise RuntimeError(f"unit {self.unit}: {len(self._pending)} record(s) were neither written nor rejected: {missing}")
@@ -332,6 +332,7 @@ class UnitWriter:
             "samples": [self._samples[record_id] for record_id in self.record_ids if record_id in self._samples],
             "rejected": dict(sorted(self._rejected.items())),
             "writer": self.writer_info,
+            "elapsed_s": round(elapsed_s, 3),
         }
         atomic_write_json(unit_index_path(self.directory, self.unit), index)
         return index

@@ -34,7 +34,9 @@ class ToyTargetConfig(StrictModel):
     weight_decay: float = Field(0.1, ge=0)
     bf16_autocast: bool = True
     seed: int = 0
-    heldout_every: int = Field(20, ge=2, description="corpus row i is held out for perplexity when i % heldout_every == 0")
+    heldout_every: int = Field(
+        20, ge=2, description="corpus row i is held out for perplexity when i % heldout_every == 0"
+    )
     user_fraction: float = Field(
         0.4, gt=0, lt=1, description="share of each corpus prompt, cut at whitespace, used as the user turn"
     )

@@ -138,8 +138,8 @@ def benchmark_spec(name: str) -> BenchmarkSpec:
     if spec is None:
         known = ", ".join(sorted(BENCHMARKS))
         raise ValueError(
-            f"data source {name!r} has no path or hf_id and is not a known benchmark (known: {known}); "
-            f"set path or hf_id for it, or put {name}.jsonl in data.data_dir"
+            f"data source {name!r} has no path or hf_id and is not a known benchmark (known: {known}). "
+            f"Set path or hf_id for it, or put {name}.jsonl in data.data_dir"
         )
     return spec
 

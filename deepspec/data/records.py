@@ -18,8 +18,8 @@ Accepted row shapes:
 - ``{"turns": [str, ...]}`` (benchmark files): every string is a user turn, each
   followed by an assistant turn to be generated.
 
-Rows that cannot be used are returned as a :class:`Rejection` with a reason,
-never raised, so one bad row never stops a stage.
+Rows that cannot be used are returned as a :class:`Rejection` with a reason
+instead of raising, so one bad row does not stop a stage.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _RowError(Exception):
 
 
 def normalize_row(row: Any, source: str) -> Conversation | Rejection:
-    """Convert one source row into a canonical conversation, or say why it cannot be used."""
+    """Convert one source row into a canonical conversation, or return a Rejection with the reason."""
     try:
         messages = _messages_of(row)
         _check_order(messages)
@@ -188,7 +188,8 @@ def _check_order(messages: list[Message]) -> None:
     for index, message in enumerate(messages):
         role = message["role"]
         if role == "system" and index > 0:
-            raise _RowError("system_not_first", f"message {index} is a system message; only the first may be")
+            detail = f"message {index} is a system message, but only the first message may be one"
+            raise _RowError("system_not_first", detail)
         if role == "user" and (message["content"] is None or not message["content"].strip()):
             raise _RowError("empty_user_content", f"message {index} is a user turn with empty content")
         if role == "assistant" and previous in (None, "system"):

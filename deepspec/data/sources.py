@@ -92,7 +92,7 @@ def resolve_source_path(name: str, path_text: str, data_dir: Path | None) -> Pat
         where = f"data.data_dir={data_dir}" if data_dir is not None else "the working directory"
         raise FileNotFoundError(
             f"data source {name!r}: path {path_text!r} resolves to {path}, which is not a file "
-            f"(relative paths resolve against {where}); fix the path or set data.data_dir"
+            f"(relative paths resolve against {where}). Fix the path or set data.data_dir"
         )
     return path
 
@@ -105,7 +105,7 @@ def iter_file_rows(path: Path) -> Iterator[SourceRow]:
     if suffix in JSONL_SUFFIXES:
         return _iter_jsonl(path)
     supported = ", ".join(JSONL_SUFFIXES + PARQUET_SUFFIXES)
-    raise ValueError(f"cannot read {path}: unsupported file suffix {suffix!r}; supported suffixes are {supported}")
+    raise ValueError(f"cannot read {path}: unsupported file suffix {suffix!r}, use one of {supported}")
 
 
 def resolve_hub_id(hub_id: str) -> str:
@@ -119,7 +119,7 @@ def resolve_hub_id(hub_id: str) -> str:
     local = Path(mirror).expanduser() / hub_id
     if not local.exists():
         raise FileNotFoundError(
-            f"{HF_MIRROR_ENV}={mirror} is set but {local} does not exist; copy the dataset repository "
+            f"{HF_MIRROR_ENV}={mirror} is set but {local} does not exist. Copy the dataset repository "
             f"{hub_id!r} there, or unset {HF_MIRROR_ENV} to download it from the hub"
         )
     return str(local)
@@ -193,7 +193,7 @@ def _file_builder(location: str) -> str | None:
     builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
     builder = builders.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(f"cannot read {location}: supported data file suffixes are {', '.join(builders)}")
+        raise ValueError(f"cannot read {location}: unsupported data file suffix, use one of {', '.join(builders)}")
     return builder
 
 
@@ -214,7 +214,7 @@ def _repository_file(hub_id: str, filename: str) -> Path:
     if os.environ.get(HF_MIRROR_ENV) or Path(hub_id).expanduser().exists():
         path = Path(resolve_hub_id(hub_id)) / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; the local copy of {hub_id!r} must contain {filename}")
+            raise FileNotFoundError(f"{path} not found: the local copy of {hub_id!r} must contain {filename}")
         return path
     from huggingface_hub import hf_hub_download
 

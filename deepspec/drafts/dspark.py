@@ -19,6 +19,7 @@ Module and tensor names follow DeepSpec's ``Qwen3DSparkModel`` checkpoints.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     rotate_half,
 )
 
+from deepspec.config.schema import DraftConfig
 from deepspec.drafts.heads import MARKOV_HEAD_TYPES, ConfidenceHead, MarkovHead, build_markov_head
 
 ARCHITECTURE = "Qwen3DSparkModel"
@@ -453,7 +455,7 @@ class Qwen3DSparkModel(PreTrainedModel):
             anchor_positions=anchor_positions,
             confidence_pred=confidence_pred,
             aligned_target_logits=aligned_target_logits,
-            num_valid_anchors=anchor_candidates(loss_mask).sum(dim=1) if seq_len >= 2 else loss_mask.new_zeros(batch),
+            num_valid_anchors=anchor_candidates(loss_mask).sum(dim=1),
             seq_len=seq_len,
         )
 
@@ -461,3 +463,138 @@ class Qwen3DSparkModel(PreTrainedModel):
 
 
 DSparkModel = Qwen3DSparkModel
+
+
+def _target_parts(target_model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Return the target's input embedding, output head and final norm, or raise naming what is missing."""
+    config = getattr(target_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type != "qwen3":
+        raise ValueError(
+            f"build_draft supports Qwen3 targets (config.model_type 'qwen3'), got model_type {model_type!r}; "
+            "load the target with AutoModelForCausalLM from a Qwen3 checkpoint"
+        )
+    embed = target_model.get_input_embeddings()
+    head = target_model.get_output_embeddings()
+    backbone = getattr(target_model, "model", None)
+    norm = getattr(backbone, "norm", None)
+    if embed is None or head is None or norm is None:
+        raise ValueError(
+            f"{type(target_model).__name__} lacks an input embedding, an LM head or model.norm; "
+            "pass the causal-LM model (e.g. Qwen3ForCausalLM), not the bare backbone"
+        )
+    return embed, head, norm
+
+
+def build_draft(
+    target_model: nn.Module,
+    *,
+    layer_ids: list[int],
+    block_size: int,
+    num_layers: int,
+    num_anchors: int,
+    markov_rank: int,
+    markov_head_type: str | None,
+    enable_confidence_head: bool,
+    confidence_head_with_markov: bool | None,
+    mask_token_id: int,
+    seed: int,
+) -> Qwen3DSparkModel:
+    """Build a float32 draft for a Qwen3 target.
+
+    The draft config is a copy of the target's (same hidden size, heads, RoPE,
+    vocabulary, ...) with the draft's depth and fields. ``embed_tokens`` and
+    ``lm_head`` are frozen copies of the target's; the other weights come from
+    the Hugging Face initialisation under ``torch.manual_seed(seed)`` (the
+    global RNG state is restored afterwards).
+    """
+    embed, head, norm = _target_parts(target_model)
+    target_config = target_model.config
+    num_target_layers = target_config.num_hidden_layers
+    validate_target_layer_ids(list(layer_ids), num_target_layers)
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+
+    values = target_config.to_dict()
+    # The target's layer_types has one entry per target layer and fails validation
+    # once num_hidden_layers changes, so it is replaced, not edited.
+    values.pop("layer_types", None)
+    for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map"):
+        values.pop(key, None)
+    values.update(
+        architectures=[ARCHITECTURE],
+        num_hidden_layers=num_layers,
+        layer_types=["full_attention"] * num_layers,
+        tie_word_embeddings=False,
+        num_target_layers=num_target_layers,
+        target_layer_ids=list(layer_ids),
+        block_size=block_size,
+        mask_token_id=mask_token_id,
+        num_anchors=num_anchors,
+        enable_confidence_head=enable_confidence_head,
+        confidence_head_with_markov=confidence_head_with_markov if enable_confidence_head else None,
+        markov_rank=markov_rank,
+        markov_head_type=markov_head_type if markov_rank > 0 else None,
+    )
+    config = DSparkConfig(**values)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draft = Qwen3DSparkModel(config).float()
+    config.dtype = torch.float32
+
+    if tuple(embed.weight.shape) != tuple(draft.embed_tokens.weight.shape):
+        raise ValueError(
+            f"target input embedding has shape {tuple(embed.weight.shape)}, expected "
+            f"{tuple(draft.embed_tokens.weight.shape)} from its config (vocab_size x hidden_size)"
+        )
+    with torch.no_grad():
+        draft.embed_tokens.weight.copy_(embed.weight)
+        draft.lm_head.weight.copy_(head.weight)
+        # Starting from the target's final norm scale (instead of ones) lets the
+        # frozen LM head see outputs on the target's scale from the first step;
+        # on tiny CPU models this measurably speeds up early training.
+        draft.norm.weight.copy_(norm.weight)
+    return draft
+
+
+def draft_kwargs_from_config(
+    draft: DraftConfig, *, layer_ids: list[int], mask_token_id: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Map a pipeline ``DraftConfig`` (plus the cached layer ids) to ``build_draft`` keyword arguments.
+
+    ``draft.mask_token_id`` wins over ``mask_token_id`` (the tokenizer's). For
+    ``algorithm: dflash`` the draft has no Markov and no confidence head.
+    """
+    if draft.algorithm == "dflash":
+        explicit = draft.model_fields_set
+        if "markov_rank" in explicit and draft.markov_rank > 0:
+            raise ValueError(
+                f"draft.algorithm is dflash but draft.markov_rank is {draft.markov_rank}; "
+                "DFlash has no Markov head, so remove markov_rank or use algorithm dspark"
+            )
+        if "confidence_head_alpha" in explicit and draft.confidence_head_alpha > 0:
+            raise ValueError(
+                f"draft.algorithm is dflash but draft.confidence_head_alpha is {draft.confidence_head_alpha}; "
+                "DFlash has no confidence head, so remove it or use algorithm dspark"
+            )
+        markov_rank, enable_confidence = 0, False
+    else:
+        markov_rank, enable_confidence = draft.markov_rank, draft.confidence_head_alpha > 0
+    resolved_mask = draft.mask_token_id if draft.mask_token_id is not None else mask_token_id
+    if resolved_mask is None:
+        raise ValueError(
+            "no mask token: set draft.mask_token_id or pass the tokenizer's mask token id "
+            "(any id the target never produces, e.g. an unused reserved token)"
+        )
+    return {
+        "layer_ids": list(layer_ids),
+        "block_size": draft.block_size,
+        "num_layers": draft.num_layers,
+        "num_anchors": draft.num_anchors,
+        "markov_rank": markov_rank,
+        "markov_head_type": draft.markov_head_type if markov_rank > 0 else None,
+        "enable_confidence_head": enable_confidence,
+        "confidence_head_with_markov": draft.confidence_head_with_markov if enable_confidence else None,
+        "mask_token_id": resolved_mask,
+        "seed": seed,
+    }

@@ -22,7 +22,6 @@ target's own earlier answers, and the given assistant turns are discarded.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -33,10 +32,9 @@ import torch
 
 from deepspec.config import PipelineConfig
 from deepspec.data.chat import render_prompt_ids
-from deepspec.data.stage import read_records
+from deepspec.data.stage import read_records, write_jsonl_atomic
 from deepspec.logs import Progress
 from deepspec.manifest import (
-    atomic_write_text,
     check_kept_fraction,
     file_entries,
     read_manifest,
@@ -92,8 +90,8 @@ def run_regen(config: PipelineConfig) -> Path:
         _seed_chunk(config.regen.seed, index)
         kept, rejected = regenerate_chunk(chunk, generator, tokenizer)
         # Rejects first, then the part: a part file marks the chunk as complete.
-        atomic_write_text(parts_dir / f"part-{index:05d}.rejects.jsonl", _jsonl(rejected))
-        atomic_write_text(part, _jsonl(kept))
+        write_jsonl_atomic(parts_dir / f"part-{index:05d}.rejects.jsonl", rejected)
+        write_jsonl_atomic(part, kept)
         progress.update(len(chunk), note=f"part {index}: kept {len(kept)}/{len(chunk)}")
     progress.finish()
     return _finalize(config, output, parts_dir, len(chunks), len(records), time.monotonic() - started)
@@ -117,7 +115,7 @@ def regenerate_chunk(
         for rid in active:
             conversations[rid].append({"role": "user", "content": pending[rid][turn]})
             prompts.append(render_prompt_ids(tokenizer, conversations[rid]))
-        for rid, completion in zip(active, generator.generate(prompts)):
+        for rid, completion in zip(active, generator.generate(prompts), strict=True):
             if completion.finish_reason == "length" and not generator.settings.keep_truncated:
                 rejected[rid] = {"reason": "length", "detail": f"turn {turn}: {completion.num_tokens} tokens"}
                 continue
@@ -144,22 +142,22 @@ def _user_turns(record: dict[str, Any]) -> list[str]:
 def _finalize(
     config: PipelineConfig, output: Path, parts_dir: Path, num_chunks: int, num_records: int, seconds: float
 ) -> Path:
-    kept: list[str] = []
-    rejects: list[str] = []
-    reasons: Counter[str] = Counter()
+    kept: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
     for index in range(num_chunks):
-        kept.extend(_lines(parts_dir / f"part-{index:05d}.jsonl"))
-        for line in _lines(parts_dir / f"part-{index:05d}.rejects.jsonl"):
-            rejects.append(line)
-            reasons[json.loads(line)["reason"]] += 1
-    kept.sort(key=lambda line: json.loads(line)["id"])
-    atomic_write_text(output / "records.jsonl", "".join(line + "\n" for line in kept))
-    atomic_write_text(output / "rejects.jsonl", "".join(line + "\n" for line in rejects))
-    check_kept_fraction(STAGE, len(kept), num_records, config.regen.min_kept_fraction, "regen.min_kept_fraction", reasons)
+        kept.extend(read_records(parts_dir / f"part-{index:05d}.jsonl"))
+        rejects.extend(read_records(parts_dir / f"part-{index:05d}.rejects.jsonl"))
+    reasons = Counter(reject["reason"] for reject in rejects)
+    kept.sort(key=lambda record: record["id"])
+    write_jsonl_atomic(output / "records.jsonl", kept)
+    write_jsonl_atomic(output / "rejects.jsonl", rejects)
+    check_kept_fraction(
+        STAGE, len(kept), num_records, config.regen.min_kept_fraction, "regen.min_kept_fraction", reasons
+    )
     answer_chars = sum(
         len(message["content"] or "")
-        for line in kept
-        for message in json.loads(line)["messages"]
+        for record in kept
+        for message in record["messages"]
         if message["role"] == "assistant"
     )
     write_manifest(
@@ -190,11 +188,3 @@ def _seed_chunk(seed: int, index: int) -> None:
 
 def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -23,8 +23,8 @@ import torch
 
 from deepspec.cache.reader import CacheReader
 from deepspec.config import ConfigError, PipelineConfig
-from deepspec.drafts.factory import build_draft_for_config
 from deepspec.drafts.checkpoint import save_draft
+from deepspec.drafts.factory import build_draft_for_config
 from deepspec.manifest import (
     atomic_write_json,
     file_entries,
@@ -110,7 +110,12 @@ def _train(config: PipelineConfig, env: DistEnv, output: Path) -> Path:
             timings={"total": time.monotonic() - started, "train_loop": summary.seconds},
             extra={"tokens_per_second": info["tokens_per_second"]},
         )
-        logger.info("trained %d steps at %.0f tokens/s; draft saved to %s", summary.steps, summary.tokens_per_second, output / "draft")
+        logger.info(
+            "trained %d steps at %.0f tokens/s; draft saved to %s",
+            summary.steps,
+            summary.tokens_per_second,
+            output / "draft",
+        )
         logger.info("summary: %s", json.dumps(info))
     barrier()
     return output
