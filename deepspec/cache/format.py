@@ -4,7 +4,7 @@ A cache output directory (``<storage.root>/cache/<fingerprint>/``) contains:
 
 ``shards/unit-NNNNN.bin``
     The samples of one unit. The regenerated records, sorted by id, are cut
-    into units of ``UNIT_RECORDS`` consecutive records; unit ``u`` holds
+    into units of ``UNIT_RECORDS`` consecutive records; unit ``u`` contains
     records ``u*UNIT_RECORDS .. (u+1)*UNIT_RECORDS - 1``. One sample of ``S``
     tokens is written as four arrays back to back, little-endian, without
     padding or alignment:
@@ -84,7 +84,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,6 +107,8 @@ HIDDEN_DTYPES: dict[str, int] = {"bfloat16": 2, "float32": 4}
 INDEX_DTYPE = np.dtype(
     [("shard", "<u4"), ("seq_len", "<u4"), ("loss_tokens", "<u4"), ("reserved", "<u4"), ("offset", "<u8")]
 )
+RecordT = TypeVar("RecordT")
+
 LAYER_SEMANTICS = "decoder-layer outputs before the final norm (-1: embedding output); last hidden after the final norm"
 
 
@@ -165,9 +167,9 @@ def num_units(num_records: int) -> int:
     return (num_records + UNIT_RECORDS - 1) // UNIT_RECORDS
 
 
-def unit_records(record_ids: Sequence[str], unit: int) -> list[str]:
-    """Return the ids of the records that make up ``unit``."""
-    return list(record_ids[unit * UNIT_RECORDS : (unit + 1) * UNIT_RECORDS])
+def unit_records(records: Sequence[RecordT], unit: int) -> list[RecordT]:
+    """Return the records (or record ids) that make up ``unit``, from the full list sorted by id."""
+    return list(records[unit * UNIT_RECORDS : (unit + 1) * UNIT_RECORDS])
 
 
 def unit_stem(unit: int) -> str:
@@ -276,7 +278,9 @@ class UnitWriter:
         if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
             raise ValueError(f"record {record_id!r}: loss_mask must be 0/1 with shape {ids.shape}, got {mask.shape}")
         if tuple(target_hidden.shape) != expected_hidden:
-            raise ValueError(f"record {record_id!r}: target_hidden shape {tuple(target_hidden.shape)} != {expected_hidden}")
+            raise ValueError(
+                f"record {record_id!r}: target_hidden shape {tuple(target_hidden.shape)} != {expected_hidden}"
+            )
         if tuple(last_hidden.shape) != (seq_len, layout.hidden_size):
             raise ValueError(
                 f"record {record_id!r}: last_hidden shape {tuple(last_hidden.shape)} != {(seq_len, layout.hidden_size)}"
@@ -284,6 +288,7 @@ class UnitWriter:
         if ids.min() < 0 or ids.max() > np.iinfo(np.int32).max:
             raise ValueError(f"record {record_id!r}: token ids must fit in int32")
         self._claim(record_id)
+
         offset = self._offset
         self._write(ids.astype("<i4"))
         self._write(mask.astype(np.uint8))
@@ -291,7 +296,9 @@ class UnitWriter:
         self._write(hidden_to_bytes(last_hidden, layout.hidden_dtype))
         if self._offset - offset != layout.sample_bytes(seq_len):
             expected = layout.sample_bytes(seq_len)
-            raise RuntimeError(f"record {record_id!r}: wrote {self._offset - offset} bytes, the layout expects {expected}")
+            raise RuntimeError(
+                f"record {record_id!r}: wrote {self._offset - offset} bytes, the layout expects {expected}"
+            )
         self._samples[record_id] = {
             "id": record_id,
             "offset": offset,
@@ -309,17 +316,21 @@ class UnitWriter:
         """Publish the unit (shard, rejects, then index) and return its index; ``elapsed_s`` is recorded."""
         if self._pending:
             missing = sorted(self._pending)[:5]
-            raise RuntimeError(f"unit {self.unit}: {len(self._pending)} record(s) were neither written nor rejected: {missing}")
+            raise RuntimeError(
+                f"unit {self.unit}: {len(self._pending)} record(s) were neither written nor rejected: {missing}"
+            )
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
         os.replace(self._tmp_path, self.shard_path)
         fsync_dir(self.shard_path.parent)
+
         rejects_path = unit_rejects_path(self.directory, self.unit)
         if self._rejects:
             atomic_write_text(rejects_path, "".join(self._rejects))
         else:
             rejects_path.unlink(missing_ok=True)
+
         index = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -390,7 +401,7 @@ def write_cache_files(directory: Path, units: Sequence[Mapping[str, Any]], extra
     for position, unit in enumerate(units):
         number = int(unit["unit"])
         if number != position:
-            raise CacheFormatError(f"unit index {position} in {directory} says it is unit {number}")
+            raise CacheFormatError(f"unit index {position} in {directory} records unit number {number}")
         if Layout.from_dict(unit["layout"]) != layout:
             raise CacheFormatError(
                 f"unit {number} was written with layout {unit['layout']}, unit 0 with {layout.to_dict()}; "

@@ -47,7 +47,7 @@ def _validate_info(info: dict[str, Any], directory: Path) -> Layout:
     where = directory / CACHE_INFO_NAME
     missing = [key for key in REQUIRED_INFO_KEYS if key not in info]
     if missing:
-        raise CacheFormatError(f"{where} lacks required fields {missing}; rebuild the cache with `deepspec cache`")
+        raise CacheFormatError(f"{where} is missing required fields {missing}; rebuild the cache with `deepspec cache`")
     if info["format"] != FORMAT_NAME or info["version"] != FORMAT_VERSION:
         raise CacheFormatError(
             f"{where} is format {info['format']!r} version {info['version']!r}; this reader reads "
@@ -105,14 +105,19 @@ def _load_index(directory: Path, info: dict[str, Any], layout: Layout) -> np.nda
         return index
     num_shards = info["num_shards"]
     if int(index["shard"].max()) >= num_shards:
-        raise CacheFormatError(f"index file {path} points to shard {int(index['shard'].max())} of {num_shards}")
+        raise CacheFormatError(
+            f"index file {path} refers to shard {int(index['shard'].max())}, but the cache has {num_shards} shards; "
+            "rebuild the cache"
+        )
     if int(index["seq_len"].min()) == 0:
-        raise CacheFormatError(f"index file {path} contains a sample of length 0")
+        raise CacheFormatError(f"index file {path} contains a sample of length 0; rebuild the cache")
     shard_bytes = np.array([shard["bytes"] for shard in info["shards"]], dtype=np.uint64)
     ends = index["offset"] + index["seq_len"].astype(np.uint64) * np.uint64(layout.bytes_per_token)
     beyond = np.nonzero(ends > shard_bytes[index["shard"]])[0]
     if len(beyond):
-        raise CacheFormatError(f"index file {path}: sample {int(beyond[0])} extends past the end of its shard")
+        raise CacheFormatError(
+            f"index file {path}: sample {int(beyond[0])} extends past the end of its shard; rebuild the cache"
+        )
     return index
 
 
@@ -193,7 +198,7 @@ class CacheReader:
 
     def verify_checksums(self) -> None:
         """Recompute every shard's sha256 and raise CacheFormatError on the first mismatch."""
-        for shard, path in zip(self.info["shards"], self._shard_files):
+        for shard, path in zip(self.info["shards"], self._shard_files, strict=True):
             actual = sha256_file(path)
             if actual != shard["sha256"]:
                 raise CacheFormatError(
@@ -231,7 +236,9 @@ class CacheReader:
         return {
             "input_ids": torch.from_numpy(raw[ids_at:mask_at].view("<i4").astype(np.int64)),
             "loss_mask": torch.from_numpy(np.array(raw[mask_at:hidden_at], dtype=np.uint8)),
-            "target_hidden": torch.from_numpy(hidden_from_bytes(raw[hidden_at:last_at], layout.hidden_dtype, (seq_len, width))),
+            "target_hidden": torch.from_numpy(
+                hidden_from_bytes(raw[hidden_at:last_at], layout.hidden_dtype, (seq_len, width))
+            ),
             "target_last_hidden": torch.from_numpy(
                 hidden_from_bytes(raw[last_at:], layout.hidden_dtype, (seq_len, layout.hidden_size))
             ),
@@ -244,7 +251,7 @@ class CacheReader:
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad samples to the longest one; padding is 0 everywhere and ``attention_mask`` (int64) marks real tokens."""
+    """Right-pad samples to the longest one with zeros; ``attention_mask`` (int64) is 1 on real tokens."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     lengths = [int(sample["input_ids"].shape[0]) for sample in samples]
@@ -257,7 +264,7 @@ def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     last_hidden = torch.zeros(
         batch, longest, first["target_last_hidden"].shape[-1], dtype=first["target_last_hidden"].dtype
     )
-    for row, (sample, length) in enumerate(zip(samples, lengths)):
+    for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
         input_ids[row, :length] = sample["input_ids"]
         loss_mask[row, :length] = sample["loss_mask"]
         attention_mask[row, :length] = 1

@@ -89,9 +89,9 @@ RECORDS_NAME = "records.jsonl"
 # NOTE: a rank that needs longer than this after the first one finished makes the barrier time out.
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
-# NOTE: the output goes to a local or mounted folder (storage.root). For an s3:// root, each finished
-# unit would be uploaded as three objects (shard, rejects, index last) and finalize would list the
-# index objects; that needs the storage interface, which this stage does not use yet.
+# NOTE: the output goes to a local or mounted folder (storage.root); s3:// roots are not supported yet.
+# On S3, each finished unit would become three objects (shard, rejects, then index) and finalize would
+# list the index objects. That needs a storage interface with atomic puts and listing.
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ class UnitBuilder:
         ids = [str(record["id"]) for record in records]
         with UnitWriter(self.output, unit, ids, self.layout, self.writer_info) as writer:
             examples: list[tuple[str, list[int], list[int]]] = []
-            for record_id, record in zip(ids, records):
+            for record_id, record in zip(ids, records, strict=True):
                 messages = record.get("messages")
                 if not isinstance(messages, list):
                     self._reject(writer, record_id, "invalid_record", "the record has no messages list", record)
@@ -245,6 +245,7 @@ def run_cache(config: PipelineConfig) -> Path:
     if read_manifest(output) is not None:
         logger.info("cache output %s is up to date", output)
         return output
+
     env = RankEnv.from_environ()
     records = _read_upstream_records(config)
     output.mkdir(parents=True, exist_ok=True)
@@ -264,6 +265,7 @@ def run_cache(config: PipelineConfig) -> Path:
         len(mine) - len(pending),
         output,
     )
+
     grouped = _join_group(env)
     try:
         if pending:
@@ -322,7 +324,6 @@ def finalize_cache(config: PipelineConfig) -> Path:
                 f"unit {unit['unit']} in {output} was built from other records than the regen output lists now; "
                 f"delete {output} and rerun the cache stage"
             )
-    _warn_mixed_writers(units)
 
     rejected: Counter[str] = Counter()
     for unit in units:
@@ -332,6 +333,7 @@ def finalize_cache(config: PipelineConfig) -> Path:
     check_kept_fraction(
         STAGE, kept, len(record_ids), settings.min_kept_fraction, "cache.min_kept_fraction", dict(rejected)
     )
+    _warn_mixed_writers(units)
 
     fingerprints = stage_fingerprints(config)
     upstream_manifest = read_manifest(stage_output(config, UPSTREAM)) or {}
@@ -393,7 +395,9 @@ def finalize_cache(config: PipelineConfig) -> Path:
 def _warn_mixed_writers(units: Sequence[dict[str, Any]]) -> None:
     reference = units[0]["writer"]
     for unit in units[1:]:
-        differing = sorted(key for key in set(reference) | set(unit["writer"]) if reference.get(key) != unit["writer"].get(key))
+        differing = sorted(
+            key for key in set(reference) | set(unit["writer"]) if reference.get(key) != unit["writer"].get(key)
+        )
         if differing:
             logger.warning(
                 "unit %d was written with other %s than unit 0 (a resumed run with other software?); "

@@ -101,7 +101,6 @@ class CacheConfig(StrictModel):
     min_loss_tokens: int = Field(2, ge=1, description="records with fewer supervised tokens are rejected")
     batch_size: int = Field(16, ge=1)
     hidden_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    max_shard_bytes: int = Field(64 * 2**20, ge=2**16)
     min_kept_fraction: float = Field(0.5, ge=0, le=1)
     nproc_per_node: int = Field(1, ge=1, description="processes `deepspec run` starts with torchrun for this stage")
 

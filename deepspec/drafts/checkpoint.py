@@ -1,6 +1,6 @@
 """Hugging Face style draft checkpoints with DeepSpec's tensor names.
 
-A checkpoint directory holds ``config.json`` (the target's Qwen3 config plus
+A checkpoint directory contains ``config.json`` (the target's Qwen3 config plus
 the draft fields, ``architectures: ["Qwen3DSparkModel"]``) and the weights as
 safetensors: one ``model.safetensors``, or shards
 ``model-00001-of-0000N.safetensors`` listed in ``model.safetensors.index.json``.
@@ -94,7 +94,7 @@ def save_draft(
 
     ``dtype`` casts floating-point tensors (default: as they are).
     ``max_shard_size`` (bytes or a string like ``"2GB"``) splits the weights
-    into shards plus an index; as with ``save_pretrained``, weights that fit
+    into shards plus an index. As with ``save_pretrained``, weights that fit
     in one shard are written as a single ``model.safetensors``.
     """
     directory = Path(directory)

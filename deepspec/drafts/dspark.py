@@ -1,11 +1,12 @@
 """DSpark / DFlash draft model for Qwen3 targets.
 
 The draft is a small Qwen3-shaped decoder that predicts a block of
-``block_size`` tokens in parallel. Its keys and values see, besides the block
-itself, the target's hidden states ("KV injection"): the chosen target layers'
+``block_size`` tokens in parallel. Besides the block itself, its attention
+reads the target's hidden states ("KV injection"). The chosen target layers'
 outputs are concatenated, projected by ``fc`` and normalised by
-``hidden_norm`` into one context tensor that every draft layer reads through
-its own ``k_proj`` / ``v_proj``. The context is never updated by the layers.
+``hidden_norm`` into one context tensor. Every draft layer turns that tensor
+into extra keys and values with its own ``k_proj`` / ``v_proj``, and no layer
+updates the context.
 
 A block anchored at position ``a`` holds the real token ``x_a`` in slot 0 and
 ``mask_token_id`` in the other slots, sits at positions ``a .. a+bs-1``, and
@@ -143,6 +144,22 @@ def attend(
     return output * row_has_key.to(output.dtype)
 
 
+class DSparkRotaryEmbedding(Qwen3RotaryEmbedding):
+    """Qwen3 RoPE whose inverse frequencies stay float32 when the model is cast to a lower precision.
+
+    A bf16 copy of the frequencies would shift the rotation angles of far
+    positions. Keeping float32 also makes ``model.to(torch.bfloat16)`` equal to
+    loading a bf16 checkpoint, because loading rebuilds the unsaved frequencies.
+    """
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        float32_buffers = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, original in float32_buffers.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
+
 class DSparkAttention(nn.Module):
     """Qwen3 attention whose keys/values are ``[context ; block]`` and whose queries are the block only."""
 
@@ -250,8 +267,8 @@ def build_block_attention_mask(
 ) -> torch.Tensor:
     """Return bool ``[B, 1, N*bs, S + N*bs]`` (True = may attend) for the training forward.
 
-    A query of block n sees context key j iff j < anchor_n, and the draft keys
-    of its own block. Dummy blocks see nothing.
+    A query of block n may attend to context key j iff j < anchor_n, and to the
+    draft keys of its own block. Queries of dummy blocks attend to nothing.
     """
     batch, num_blocks = anchor_positions.shape
     device = anchor_positions.device
@@ -276,8 +293,8 @@ def block_labels(
 
     Slot j of the block anchored at a predicts the token at ``a + j + 1``
     (clamped to S-1 for gathering; dummy blocks use 0). A slot is supervised
-    iff its label exists, ``loss_mask[label]`` is set and the block is kept;
-    the cumulative product along the block keeps only the supervised prefix.
+    iff its label exists, ``loss_mask[label]`` is set and the block is kept.
+    A cumulative product along the block then keeps only the supervised prefix.
     """
     batch, seq_len = input_ids.shape
     slots = torch.arange(block_size, device=input_ids.device)
@@ -309,7 +326,7 @@ class Qwen3DSparkModel(PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DSparkDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3RotaryEmbedding(config)
+        self.rotary_emb = DSparkRotaryEmbedding(config)
         self.fc = nn.Linear(num_features, config.hidden_size, bias=False)
         self.hidden_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -339,12 +356,9 @@ class Qwen3DSparkModel(PreTrainedModel):
         """Project concatenated target layer outputs ``[..., L*H]`` to the context ``[..., H]``."""
         return self.hidden_norm(self.fc(target_hidden_states.to(self.fc.weight.dtype)))
 
-    def rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rotary_emb(like, positions)
-
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Return each layer's context keys/values for ``context [B, S, H]`` at ``positions [B, S]``."""
-        cos, sin = self.rope(context, positions)
+        cos, sin = self.rotary_emb(context, positions)
         return [layer.self_attn.key_value(context, cos, sin) for layer in self.layers]
 
     def backbone(
@@ -356,7 +370,7 @@ class Qwen3DSparkModel(PreTrainedModel):
     ) -> torch.Tensor:
         """Run the draft layers over ``block_ids [B, Q]`` at ``positions [B, Q]``; return ``norm(x)`` ``[B, Q, H]``."""
         x = self.embed_tokens(block_ids)
-        cos, sin = self.rope(x, positions)
+        cos, sin = self.rotary_emb(x, positions)
         for layer, layer_kv in zip(self.layers, context_kv):
             x = layer(x, layer_kv, cos, sin, mask)
         return self.norm(x)
@@ -407,6 +421,11 @@ class Qwen3DSparkModel(PreTrainedModel):
             anchor_positions, block_keep_mask = sample_anchor_positions(loss_mask, config.num_anchors, generator)
         elif block_keep_mask is None:
             raise ValueError("anchor_positions was given without block_keep_mask; pass both or neither")
+        elif anchor_positions.shape != block_keep_mask.shape or anchor_positions.shape[0] != batch:
+            raise ValueError(
+                f"anchor_positions {tuple(anchor_positions.shape)} and block_keep_mask "
+                f"{tuple(block_keep_mask.shape)} must both be [batch={batch}, num_blocks]"
+            )
         anchor_positions = anchor_positions.long()
         block_keep_mask = block_keep_mask.bool()
         num_blocks, block_size = anchor_positions.shape[1], config.block_size
@@ -421,6 +440,8 @@ class Qwen3DSparkModel(PreTrainedModel):
         context = self.context_features(target_hidden_states)
         context_positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
         context_kv = self.context_kv(context, context_positions)
+        # NOTE: the mask is dense, so attention memory grows with N*bs x (S + N*bs) per sample and
+        # head. DeepSpec uses a sparse flex-attention block mask here for long sequences on GPU.
         mask = build_block_attention_mask(anchor_positions, block_keep_mask, seq_len, block_size)
         hidden = self.backbone(
             block_ids.view(batch, -1), block_positions.view(batch, -1), context_kv, mask
@@ -504,9 +525,9 @@ def build_draft(
 
     The draft config is a copy of the target's (same hidden size, heads, RoPE,
     vocabulary, ...) with the draft's depth and fields. ``embed_tokens`` and
-    ``lm_head`` are frozen copies of the target's; the other weights come from
-    the Hugging Face initialisation under ``torch.manual_seed(seed)`` (the
-    global RNG state is restored afterwards).
+    ``lm_head`` are frozen copies of the target's. The other weights come from
+    the Hugging Face initialisation under ``torch.manual_seed(seed)``, and the
+    global RNG state is restored afterwards.
     """
     embed, head, norm = _target_parts(target_model)
     target_config = target_model.config
@@ -550,9 +571,9 @@ def build_draft(
     with torch.no_grad():
         draft.embed_tokens.weight.copy_(embed.weight)
         draft.lm_head.weight.copy_(head.weight)
-        # Starting from the target's final norm scale (instead of ones) lets the
-        # frozen LM head see outputs on the target's scale from the first step;
-        # on tiny CPU models this measurably speeds up early training.
+        # The draft's final norm starts from the target's scale instead of ones, so
+        # the frozen LM head gets inputs on the target's scale from the first step.
+        # On tiny CPU models this measurably speeds up early training.
         draft.norm.weight.copy_(norm.weight)
     return draft
 

@@ -105,14 +105,12 @@ class DSparkDrafter:
         return self._cache[0][0].shape[2] if self._cache else 0
 
     def reset(self) -> None:
-        parameter = self.model.fc.weight
-        empty_shape = []
+        weight = self.model.fc.weight
+        self._cache = []
         for layer in self.model.layers:
             attention = layer.self_attn
-            empty_shape.append((1, attention.num_kv_heads, 0, attention.head_dim))
-        self._cache = [
-            (parameter.new_zeros(shape), parameter.new_zeros(shape)) for shape in empty_shape
-        ]
+            empty = weight.new_zeros(1, attention.num_kv_heads, 0, attention.head_dim)
+            self._cache.append((empty, empty))
 
     @torch.no_grad()
     def extend_context(self, features: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ class MarkovHead(nn.Module):
     def block_bias(self, prev_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Compute the teacher-forced biases ``[..., bs, V]`` of whole blocks.
 
-        ``prev_ids [..., bs]`` holds each slot's previous token and ``hidden
+        ``prev_ids [..., bs]`` contains each slot's previous token and ``hidden
         [..., bs, H]`` the backbone outputs.
         """
         raise NotImplementedError

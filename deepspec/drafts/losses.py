@@ -35,8 +35,8 @@ _EPS = 1e-6
 class DSparkLossOutput:
     """The backward loss plus detached components and metrics.
 
-    ``components`` holds the local numerators, the local and global
-    denominators and the local ratios. ``metrics`` holds what a trainer logs
+    ``components`` contains the local numerators, the local and global
+    denominators and the local ratios. ``metrics`` contains what a trainer logs
     (rank-local values). ``num_supervised`` is the number of supervised slots
     summed over ranks; a step where it is 0 carries no signal.
     """
@@ -203,13 +203,13 @@ def _confidence_metrics(
 def _sampler_metrics(output: DSparkForwardOutput, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     num_blocks, block_size = mask.shape[1], mask.shape[2]
     valid = output.num_valid_anchors.float()
-    kept = output.block_keep_mask.float().sum(dim=1)
-    supervised_per_block = mask.sum(dim=(1, 2)) / kept.clamp(min=1.0)
+    kept_blocks = output.block_keep_mask.float().sum(dim=1)
+    supervised_per_block = mask.sum(dim=(1, 2)) / kept_blocks.clamp(min=1.0)
     return {
         "valid_anchors_abs": valid.mean(),
         "valid_anchors_ratio": (valid / output.seq_len).mean(),
-        "sampled_anchors_abs": kept.mean(),
-        "sampled_anchors_ratio": (kept / num_blocks).mean(),
+        "sampled_anchors_abs": kept_blocks.mean(),
+        "sampled_anchors_ratio": (kept_blocks / num_blocks).mean(),
         "block_supervised_tokens_abs": supervised_per_block.mean(),
         "block_supervised_tokens_ratio": (supervised_per_block / block_size).mean(),
     }
@@ -222,17 +222,17 @@ def loss_kwargs_from_config(draft: Any) -> dict[str, float | None]:
     ``l1_loss_alpha`` were set explicitly, it uses 1.0 and 0.0, and it never
     has a confidence term.
     """
+    gamma = draft.loss_decay_gamma
+    if gamma is not None and not math.isfinite(gamma):
+        raise ValueError(f"draft.loss_decay_gamma must be a finite number or null, got {gamma}")
     if draft.algorithm == "dflash":
         explicit = draft.model_fields_set
         return {
             "ce_alpha": draft.ce_loss_alpha if "ce_loss_alpha" in explicit else 1.0,
             "l1_alpha": draft.l1_loss_alpha if "l1_loss_alpha" in explicit else 0.0,
             "confidence_alpha": 0.0,
-            "loss_decay_gamma": draft.loss_decay_gamma,
+            "loss_decay_gamma": gamma,
         }
-    gamma = draft.loss_decay_gamma
-    if gamma is not None and (math.isnan(gamma) or math.isinf(gamma)):
-        raise ValueError(f"draft.loss_decay_gamma must be a finite number or null, got {gamma}")
     return {
         "ce_alpha": draft.ce_loss_alpha,
         "l1_alpha": draft.l1_loss_alpha,

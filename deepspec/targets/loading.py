@@ -137,7 +137,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
             if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
                 return layers
     raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList named "
+        f"decoder layers of {type(model).__name__} not found: looked for a ModuleList named "
         f"{' or '.join(_LAYER_NAMES)} under {', '.join(_BACKBONE_PATHS)}"
     )
 
@@ -150,7 +150,7 @@ def final_norm(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(norm, torch.nn.Module):
                 return norm
     raise ValueError(
-        f"cannot find the final norm of {type(model).__name__}: looked for a module named "
+        f"final norm of {type(model).__name__} not found: looked for a module named "
         f"{' or '.join(_NORM_NAMES)} under {', '.join(_BACKBONE_PATHS)}"
     )
 
@@ -191,7 +191,7 @@ def validate_layer_ids(layer_ids: list[int], num_layers: int, key: str = "cache.
     allowed = f"[-1, {last - 1}] (-1 is the embedding output)"
     if not layer_ids:
         raise ConfigError(f"{key} is empty; list at least one target layer id in {allowed}")
-    for previous, current in zip(layer_ids, layer_ids[1:]):
+    for previous, current in zip(layer_ids, layer_ids[1:], strict=False):
         if current <= previous:
             raise ConfigError(f"{key}={layer_ids} must be strictly increasing ({previous} then {current})")
     for layer_id in layer_ids:

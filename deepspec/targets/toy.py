@@ -163,7 +163,9 @@ def is_heldout_row(index: int, heldout_every: int) -> bool:
     return index % heldout_every == 0
 
 
-def train_tokenizer(texts: Iterator[str] | Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterator[str] | Sequence[str], vocab_size: int, model_max_length: int
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer with the chat special tokens and template.
 
     The vocabulary can come out smaller than ``vocab_size`` when the text has
@@ -387,13 +389,16 @@ def evaluate_heldout(model: Qwen3ForCausalLM, tokens: torch.Tensor, seq_len: int
 
 
 @dataclass(frozen=True)
-class _SplitCorpus:
+class SplitCorpus:
+    """Corpus rows as chat conversations, split into pretraining and held-out sets."""
+
     train: list[list[dict[str, str]]]
     heldout: list[list[dict[str, str]]]
     dropped: int
 
 
-def _split_corpus(rows: Sequence[Sequence[str]], cfg: ToyTargetConfig) -> _SplitCorpus:
+def split_corpus(rows: Sequence[Sequence[str]], cfg: ToyTargetConfig) -> SplitCorpus:
+    """Convert rows to conversations; row ``i`` is held out when ``i % cfg.heldout_every == 0``."""
     train: list[list[dict[str, str]]] = []
     heldout: list[list[dict[str, str]]] = []
     dropped = 0
@@ -410,18 +415,20 @@ def _split_corpus(rows: Sequence[Sequence[str]], cfg: ToyTargetConfig) -> _Split
             f"the toy target corpus has {len(train)} train and {len(heldout)} held-out rows; both must be non-empty "
             f"(held out: row index % heldout_every == 0, heldout_every={cfg.heldout_every}); add corpus rows"
         )
-    return _SplitCorpus(train=train, heldout=heldout, dropped=dropped)
+    return SplitCorpus(train=train, heldout=heldout, dropped=dropped)
 
 
-def _tokenizer_texts(conversations: Sequence[list[dict[str, str]]]) -> Iterator[str]:
+def tokenizer_texts(conversations: Sequence[list[dict[str, str]]]) -> Iterator[str]:
+    """Yield ``role\ncontent`` per message: the tokenizer's training text, without special tokens."""
     for messages in conversations:
         for message in messages:
             yield f"{message['role']}\n{message['content']}"
 
 
-def _encode_conversations(
+def encode_conversations(
     tokenizer: PreTrainedTokenizerFast, conversations: Sequence[list[dict[str, str]]]
 ) -> list[torch.Tensor]:
+    """Render each conversation with the chat template and return its token ids."""
     texts = [tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
     # verbose=False: conversations longer than model_max_length are expected here because they are packed.
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -431,13 +438,13 @@ def _encode_conversations(
 def _build_toy_target(cfg: ToyTargetConfig, rows: Sequence[Sequence[str]], out_dir: Path) -> dict[str, Any]:
     """Train the tokenizer and the model, save both to ``out_dir`` and return the metadata."""
     started = time.perf_counter()
-    corpus = _split_corpus(rows, cfg)
+    corpus = split_corpus(rows, cfg)
     if corpus.dropped:
         logger.warning("left out %d corpus rows that contain special-token text", corpus.dropped)
 
-    tokenizer = train_tokenizer(_tokenizer_texts(corpus.train), cfg.vocab_size, cfg.max_position_embeddings)
-    train_documents = _encode_conversations(tokenizer, corpus.train)
-    heldout_tokens = torch.cat(_encode_conversations(tokenizer, corpus.heldout))
+    tokenizer = train_tokenizer(tokenizer_texts(corpus.train), cfg.vocab_size, cfg.max_position_embeddings)
+    train_documents = encode_conversations(tokenizer, corpus.train)
+    heldout_tokens = torch.cat(encode_conversations(tokenizer, corpus.heldout))
     train_token_count = sum(len(document) for document in train_documents)
     logger.info(
         "toy target corpus: %d train rows (%d tokens), %d held-out rows (%d tokens), tokenizer vocab %d",

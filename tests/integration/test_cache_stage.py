@@ -96,10 +96,10 @@ def _config(root: Path, target_dir: Path, **cache: Any) -> PipelineConfig:
     return validate_config(raw)
 
 
-def _write_regen_output(config: PipelineConfig) -> None:
+def _write_regen_output(config: PipelineConfig, records: list[dict[str, Any]] | None = None) -> None:
     directory = stage_output(config, "regen")
     directory.mkdir(parents=True)
-    lines = [json.dumps(record) + "\n" for record in _records()]
+    lines = [json.dumps(record) + "\n" for record in (_records() if records is None else records)]
     (directory / "records.jsonl").write_text("".join(lines), encoding="utf-8")
     write_manifest(
         directory,
@@ -326,7 +326,9 @@ def test_last_layer_fails_before_any_work(tmp_path: Path, target_dir: Path) -> N
 def test_low_kept_fraction_fails_without_manifest(tmp_path: Path, target_dir: Path) -> None:
     config = _config(tmp_path / "runs", target_dir, max_length=16)
     _write_regen_output(config)
-    with pytest.raises(RuntimeError, match="kept .* below cache.min_kept_fraction=0.5; rejected by reason: .*too_long="):
+    with pytest.raises(
+        RuntimeError, match="kept .* below cache.min_kept_fraction=0.5; rejected by reason: .*too_long="
+    ):
         run_cache(config)
     output = stage_output(config, "cache")
     assert read_manifest(output) is None
@@ -337,3 +339,11 @@ def test_missing_regen_output_names_the_stage(tmp_path: Path, target_dir: Path) 
     config = _config(tmp_path / "runs", target_dir)
     with pytest.raises(StageInputError, match="no finished regen output"):
         run_cache(config)
+
+
+def test_empty_regen_output_fails(tmp_path: Path, target_dir: Path) -> None:
+    config = _config(tmp_path / "runs", target_dir)
+    _write_regen_output(config, records=[])
+    with pytest.raises(RuntimeError, match="cache: no input records"):
+        run_cache(config)
+    assert read_manifest(stage_output(config, "cache")) is None

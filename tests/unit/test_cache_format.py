@@ -201,7 +201,7 @@ def test_reader_rejects_missing_field(tmp_path: Path) -> None:
     info = json.loads((tmp_path / CACHE_INFO_NAME).read_text())
     del info["hidden_size"]
     (tmp_path / CACHE_INFO_NAME).write_text(json.dumps(info))
-    with pytest.raises(CacheFormatError, match=r"lacks required fields \['hidden_size'\]"):
+    with pytest.raises(CacheFormatError, match=r"is missing required fields \['hidden_size'\]"):
         CacheReader(tmp_path)
 
 
@@ -247,9 +247,17 @@ def test_unit_writer_checks_shapes(tmp_path: Path) -> None:
     sample = _sample(0, 4)
     with UnitWriter(tmp_path, 0, ["a"], layout) as writer:
         with pytest.raises(ValueError, match=r"target_hidden shape \(4, 8\) != \(4, 16\)"):
-            writer.add_sample("a", sample["input_ids"], sample["loss_mask"], sample["target_last_hidden"], sample["target_last_hidden"])
+            writer.add_sample(
+                "a",
+                sample["input_ids"],
+                sample["loss_mask"],
+                sample["target_last_hidden"],
+                sample["target_last_hidden"],
+            )
         with pytest.raises(ValueError, match="loss_mask must be 0/1"):
-            writer.add_sample("a", sample["input_ids"], sample["input_ids"], sample["target_hidden"], sample["target_last_hidden"])
+            writer.add_sample(
+                "a", sample["input_ids"], sample["input_ids"], sample["target_hidden"], sample["target_last_hidden"]
+            )
         writer.add_sample("a", **_writer_args(sample))
         writer.commit()
     assert unit_is_complete(tmp_path, 0)
@@ -273,7 +281,9 @@ def test_merge_rejects_shard_size_mismatch(tmp_path: Path) -> None:
         writer.add_sample("a", **_writer_args(_sample(0, 4)))
         writer.commit()
     (tmp_path / shard_file_name(0)).write_bytes(b"short")
-    with pytest.raises(CacheFormatError, match=r"has 5 bytes, its unit index records \d+; delete .*unit-00000.idx.json"):
+    with pytest.raises(
+        CacheFormatError, match=r"has 5 bytes, its unit index records \d+; delete .*unit-00000.idx.json"
+    ):
         write_cache_files(tmp_path, load_unit_indices(tmp_path, 1), {})
 
 

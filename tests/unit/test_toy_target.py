@@ -21,12 +21,12 @@ from deepspec.targets.toy import (
     check_toy_config,
     continuation_split,
     conversation_messages,
+    corpus_sha256,
     ensure_toy_target,
     packed_batches,
     read_corpus_rows,
     toy_cache_root,
     toy_target_key,
-    corpus_sha256,
 )
 
 GSM8K_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -126,12 +126,9 @@ def test_continuation_split_cuts_at_whitespace() -> None:
 
 
 def test_continuation_split_prefers_spaces_to_line_breaks() -> None:
-    text = "word word\nword word"
-    user, assistant = continuation_split(text, 0.5)
-    assert "\n" in user or "\n" in assistant
-    only_newlines = "first line\n\nsecond"
+    assert continuation_split("word word\nword word", 0.5) == ("word", "word\nword word")
+    assert continuation_split("first line\n\nsecond", 0.4) == ("first", "line\n\nsecond")
     assert continuation_split("aaaa\nbbbb", 0.5) == ("aaaa", "bbbb")
-    assert continuation_split(only_newlines, 0.4) == ("first", "line\n\nsecond")
 
 
 def test_continuation_split_without_inner_whitespace() -> None:
@@ -254,9 +251,7 @@ def test_other_seed_gives_other_weights(corpus: list[list[str]], built_dir: Path
     assert not torch.equal(first["model.embed_tokens.weight"], second["model.embed_tokens.weight"])
 
 
-def test_cache_reused_without_rebuild(
-    corpus: list[list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cache_reused_without_rebuild(corpus: list[list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPSPEC_CACHE_DIR", str(tmp_path))
     first = ensure_toy_target(tiny_config(), corpus)
     assert first.parent == tmp_path / "toy-target"
@@ -269,7 +264,7 @@ def test_cache_reused_without_rebuild(
     monkeypatch.setattr(toy, "_build_toy_target", fail_build)
     assert ensure_toy_target(tiny_config(), corpus) == first
     assert (first / METADATA_NAME).stat().st_mtime_ns == stamp
-    assert sorted(path.name for path in first.parent.iterdir()) == [f"{first.name}.lock", first.name]
+    assert {path.name for path in first.parent.iterdir()} == {f"{first.name}.lock", first.name}
 
 
 def test_concurrent_callers_build_once(
@@ -369,5 +364,5 @@ def test_lr_schedule_warmup_and_floor() -> None:
     factors = [toy._lr_factor(step, warmup_steps=4, total_steps=20) for step in range(21)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == pytest.approx(1.0)
-    assert all(later <= earlier for earlier, later in zip(factors[4:], factors[5:]))
+    assert all(later <= earlier for earlier, later in zip(factors[4:], factors[5:], strict=False))
     assert factors[20] == pytest.approx(0.1)
