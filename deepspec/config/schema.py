@@ -111,19 +111,46 @@ class CacheConfig(StrictModel):
         return self
 
 
+# Settings whose default depends on the algorithm; explicit values in the file win.
+ALGORITHM_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "dspark": {"markov_rank": 32, "confidence_head_alpha": 1.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9},
+    "dflash": {"markov_rank": 0, "confidence_head_alpha": 0.0, "ce_loss_alpha": 1.0, "l1_loss_alpha": 0.0},
+}
+
+
 class DraftConfig(StrictModel):
+    """The draft architecture and its loss; DFlash is DSpark without the sequential and confidence heads."""
+
     algorithm: Literal["dspark", "dflash"] = "dspark"
     num_layers: int = Field(1, ge=1)
     block_size: int = Field(4, ge=2)
     num_anchors: int = Field(64, ge=1, description="blocks sampled per sequence in training")
-    markov_rank: int = Field(32, ge=0, description="0 disables the sequential head")
-    markov_head_type: Literal["vanilla"] = "vanilla"
-    confidence_head_alpha: float = Field(1.0, ge=0, description="0 disables the confidence head")
+    markov_rank: int = Field(32, ge=0, description="0 disables the sequential head; dflash default 0")
+    markov_head_type: Literal["vanilla", "gated", "rnn"] = "vanilla"
+    confidence_head_alpha: float = Field(1.0, ge=0, description="0 disables the confidence head; dflash default 0")
     confidence_head_with_markov: bool = True
-    ce_loss_alpha: float = Field(0.1, ge=0)
-    l1_loss_alpha: float = Field(0.9, ge=0)
+    ce_loss_alpha: float = Field(0.1, ge=0, description="dflash default 1.0")
+    l1_loss_alpha: float = Field(0.9, ge=0, description="dflash default 0.0")
     loss_decay_gamma: float | None = Field(4.0, description="position weight exp(-k/gamma); null or <= 0 disables")
     mask_token_id: int | None = Field(None, ge=0, description="defaults to the tokenizer's mask token")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_defaults(cls, data: object) -> object:
+        if isinstance(data, dict):
+            defaults = ALGORITHM_DEFAULTS.get(str(data.get("algorithm", "dspark")), {})
+            data = {**defaults, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _dflash_has_no_heads(self) -> DraftConfig:
+        if self.algorithm == "dflash" and (self.markov_rank > 0 or self.confidence_head_alpha > 0):
+            raise ValueError(
+                f"draft.algorithm is dflash but markov_rank={self.markov_rank} and "
+                f"confidence_head_alpha={self.confidence_head_alpha}; DFlash has neither head: set both to 0 "
+                "or use algorithm dspark"
+            )
+        return self
 
 
 class TrainConfig(StrictModel):

@@ -249,7 +249,9 @@ def sample_anchor_positions(
         return empty, torch.zeros(batch, num_anchors, dtype=torch.bool, device=device)
 
     candidates = anchor_candidates(loss_mask)
-    scores = torch.rand(candidates.shape, generator=generator, device=device)
+    # Draw on the generator's device, so a CPU generator also serves batches on an accelerator.
+    draw_device = generator.device if generator is not None else device
+    scores = torch.rand(candidates.shape, generator=generator, device=draw_device).to(device)
     scores = scores.masked_fill(~candidates, 2.0)
     order = scores.argsort(dim=1)[:, :num_anchors]
     picked_valid = scores.gather(1, order) < 2.0

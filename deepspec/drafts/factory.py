@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deepspec.config import ConfigError, PipelineConfig
-from deepspec.drafts.dspark import build_draft
+from deepspec.drafts.dspark import build_draft, draft_kwargs_from_config
 
 
 def resolve_mask_token_id(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -24,18 +24,10 @@ def build_draft_for_config(
     config: PipelineConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, seed: int
 ) -> PreTrainedModel:
     """Build a freshly initialised draft of the configured algorithm and shape for ``target``."""
-    draft = config.draft
-    sequential = draft.algorithm == "dspark"
-    return build_draft(
-        target,
+    kwargs = draft_kwargs_from_config(
+        config.draft,
         layer_ids=list(config.cache.layer_ids),
-        block_size=draft.block_size,
-        num_layers=draft.num_layers,
-        num_anchors=draft.num_anchors,
-        markov_rank=draft.markov_rank if sequential else 0,
-        markov_head_type=draft.markov_head_type,
-        enable_confidence_head=sequential and draft.confidence_head_alpha > 0,
-        confidence_head_with_markov=draft.confidence_head_with_markov,
         mask_token_id=resolve_mask_token_id(config, tokenizer),
         seed=seed,
     )
+    return build_draft(target, **kwargs)

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepspec.cache.reader import CacheReader, collate
 from deepspec.config import PipelineConfig
-from deepspec.drafts.losses import dspark_loss
+from deepspec.drafts.losses import dspark_loss, loss_kwargs_from_config
 from deepspec.logs import format_duration
 from deepspec.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepspec.train.data import StepSampler
@@ -92,6 +92,7 @@ class Trainer:
         self.draft = draft.to(env.device)
         self.output = output
         self.accumulation = settings.global_batch_size // per_step
+        self.loss_kwargs = loss_kwargs_from_config(config.draft)
         self.sampler = StepSampler(len(cache), settings.global_batch_size, settings.seed)
         trainable = [param for param in self.draft.parameters() if param.requires_grad]
         self.optimizer = build_optimizer(trainable, settings)
@@ -194,15 +195,11 @@ class Trainer:
             if self.settings.precision == "bf16"
             else nullcontext()
         )
-        draft_settings = self.config.draft
         with autocast:
             output = self.ddp(batch, generator)
         loss_output = dspark_loss(
             output,
-            ce_alpha=draft_settings.ce_loss_alpha,
-            l1_alpha=draft_settings.l1_loss_alpha,
-            confidence_alpha=draft_settings.confidence_head_alpha,
-            loss_decay_gamma=draft_settings.loss_decay_gamma,
+            **self.loss_kwargs,
             all_reduce=all_reduce_sum if self.env.world_size > 1 else None,
             world_size=self.env.world_size,
         )

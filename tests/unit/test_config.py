@@ -103,3 +103,14 @@ def test_layer_ids_must_increase():
 def test_eval_benchmarks_must_be_sources():
     with pytest.raises(ConfigError, match="not in data.sources"):
         validate_config({**MINIMAL, "eval": {"benchmarks": ["mbpp"]}})
+
+
+def test_dflash_defaults_turn_heads_off():
+    draft = validate_config({**MINIMAL, "draft": {"algorithm": "dflash"}}).draft
+    assert (draft.markov_rank, draft.confidence_head_alpha) == (0, 0.0)
+    assert (draft.ce_loss_alpha, draft.l1_loss_alpha) == (1.0, 0.0)
+
+
+def test_dflash_with_markov_head_rejected():
+    with pytest.raises(ConfigError, match="DFlash has neither head"):
+        validate_config({**MINIMAL, "draft": {"algorithm": "dflash", "markov_rank": 8}})

@@ -313,6 +313,10 @@ def test_forward_rejects_bad_shapes():
     batch = random_batch()
     with pytest.raises(ValueError, match="block_keep_mask"):
         draft.forward_train(**batch, anchor_positions=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"must both be \[batch=2, num_blocks\]"):
+        draft.forward_train(
+            **batch, anchor_positions=torch.zeros(2, 4, dtype=torch.long), block_keep_mask=torch.ones(2, 3, dtype=torch.bool)
+        )
 
 
 @pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
