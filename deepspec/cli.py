@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepspec.config import ConfigError, PipelineConfig, load_config
-from deepspec.logs import setup_logging
+from deepspec.logs import set_stage, setup_logging
 from deepspec.manifest import MANIFEST_NAME, StageInputError, read_manifest
 from deepspec.pipeline import STAGES, stage_output
 from deepspec.runtime import configure_runtime
@@ -143,6 +143,7 @@ def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | 
     for stage in STAGES:
         output = stage_output(config, stage)
         started = time.monotonic()
+        set_stage(stage)
         if read_manifest(output) is not None:
             logger.info("%s: up to date (%s)", stage, output)
         elif stage in DISTRIBUTED_STAGES and _nproc(config, stage) > 1:
@@ -153,6 +154,7 @@ def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | 
         timings[stage] = time.monotonic() - started
         if stage == until:
             break
+    set_stage("run")
     logger.info("stage wall times (s): %s", json.dumps({k: round(v, 1) for k, v in timings.items()}))
     report = stage_output(config, "eval") / "report.md"
     if until in (None, "eval") and report.is_file():

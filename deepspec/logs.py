@@ -43,6 +43,16 @@ def setup_logging(stage: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Progress bars of weight loading would interleave with the fixed-format lines.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def set_stage(stage: str) -> None:
+    """Change the ``stage=`` field of later lines, e.g. when ``deepspec run`` moves to the next stage."""
+    global _STAGE
+    _STAGE = stage
 
 
 def format_duration(seconds: float) -> str:

@@ -328,16 +328,10 @@ def pretrain(
     started = time.perf_counter()
     for step in range(total_steps):
         batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss_value = loss.item()
+        loss_value = _train_step(model, batch, optimizer, cfg.bf16_autocast)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"toy target pretraining loss is {loss_value} at step {step + 1}; lower target.toy.lr")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             embedding[frozen_index] = frozen_values
 
@@ -351,6 +345,23 @@ def pretrain(
     return PretrainStats(
         steps=total_steps, tokens=tokens, seconds=seconds, final_loss=sum(recent_losses) / len(recent_losses)
     )
+
+
+def _train_step(model: Qwen3ForCausalLM, batch: torch.Tensor, optimizer: torch.optim.Optimizer, bf16: bool) -> float:
+    """Run forward, backward, gradient clipping and one optimizer step, and return the loss.
+
+    A non-finite loss skips the update so that the caller can raise with the step number.
+    """
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        return loss_value
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value
 
 
 @torch.no_grad()

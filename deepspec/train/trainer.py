@@ -27,6 +27,8 @@ from deepspec.train.optim import build_optimizer, set_lr
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 10
+# Loss numerators and denominators stay out of the step log; the ratios are logged instead.
+COUNTER_SUFFIXES = ("_num", "_den", "_den_global")
 
 
 class _TrainForward(torch.nn.Module):
@@ -155,6 +157,8 @@ class Trainer:
             totals["supervised"] += result["supervised"]
             totals["nonfinite"] += result["nonfinite"]
             for name, value in result["components"].items():
+                if name.endswith(COUNTER_SUFFIXES):
+                    continue
                 components[name] = components.get(name, 0.0) + value / self.accumulation
 
         # Each rank's loss is its share of the global weighted mean, so the sum is the global loss.

@@ -222,6 +222,9 @@ def test_greedy_stops_at_end_token_like_generate(target: Qwen3ForCausalLM) -> No
 
 SAMPLE_PROMPT = [3, 7, 11, 5]
 SAMPLE_TOKENS = 3
+# Share of the target's exact distribution in the noisy draft's distribution.
+ORACLE_SHARE = 0.5
+SHARPEN = 3.0
 
 
 @pytest.fixture
@@ -253,8 +256,13 @@ def exact_joint(exact_conditionals: tuple[torch.Tensor, torch.Tensor, torch.Tens
     return first[:, None, None] * second[:, :, None] * third
 
 
+def mix_with_noise(exact: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    sharpened = exact**SHARPEN
+    return ORACLE_SHARE * sharpened / sharpened.sum() + (1 - ORACLE_SHARE) * noise
+
+
 class NoisyOracleDrafter:
-    """Drafts from half the target's exact distribution and half fixed noise, for the sample prompt.
+    """Drafts from a mix of the target's exact distribution and fixed noise, for the sample prompt.
 
     The exact distributions are known for the 2nd and 3rd generated tokens;
     later drafts come from the noise alone. It rebuilds the committed sequence
@@ -285,9 +293,9 @@ class NoisyOracleDrafter:
     def draft_row(self, generated: list[int]) -> torch.Tensor:
         row = self.noise[generated[-1]]
         if len(generated) == 1:
-            row = 0.5 * self.second[generated[0]] + 0.5 * row
+            row = mix_with_noise(self.second[generated[0]], row)
         elif len(generated) == 2:
-            row = 0.5 * self.third[generated[0], generated[1]] + 0.5 * row
+            row = mix_with_noise(self.third[generated[0], generated[1]], row)
         return row.float()
 
     def propose(
