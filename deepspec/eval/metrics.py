@@ -28,8 +28,12 @@ def _add_at(counts: list[int], index: int, amount: int = 1) -> None:
 
 
 def _add_lists(left: list[int], right: list[int]) -> list[int]:
-    size = max(len(left), len(right))
-    return [(left[i] if i < len(left) else 0) + (right[i] if i < len(right) else 0) for i in range(size)]
+    total = [0] * max(len(left), len(right))
+    for index, value in enumerate(left):
+        total[index] += value
+    for index, value in enumerate(right):
+        total[index] += value
+    return total
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:

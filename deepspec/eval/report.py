@@ -1,7 +1,7 @@
 """Evaluation report: every metric as JSON, and Markdown tables of tau and per-position acceptance.
 
 Results are keyed draft -> temperature -> benchmark. The JSON report also
-holds, per draft and temperature, the rounds of all benchmarks pooled under
+contains, per draft and temperature, the rounds of all benchmarks pooled under
 ``ALL_BENCHMARKS`` and the unweighted mean of the benchmarks' tau, which is
 how per-benchmark tables usually average. The Markdown is rendered from the
 JSON report alone, so it can be rebuilt from ``report.json``.

@@ -12,11 +12,13 @@ accepted only when it equals the target's greedy token.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from deepspec.drafts.base import Drafter, Proposal
 
@@ -29,7 +31,7 @@ PROBABILITY_EPS = 1e-8
 
 @dataclass
 class RoundRecord:
-    """What one draft-then-verify round proposed, accepted and committed.
+    """Counts of one draft-then-verify round: drafts proposed, drafts accepted, tokens committed.
 
     ``proposal_length`` is the effective number of drafts: the full proposal,
     or ``j`` when an end token at draft ``j`` ended the round. ``committed``
@@ -106,7 +108,7 @@ def rejection_sample(
     """Verify ``k`` drafted tokens against the target and pick the token that follows the accepted prefix.
 
     ``p_rows`` [k+1, V] are the target's distributions at the anchor and at
-    each draft position (row ``i`` predicts draft ``i+1``); ``q_rows`` [k, V]
+    each draft position, so row ``i`` predicts draft ``i+1``. ``q_rows`` [k, V]
     are the distributions the drafts were sampled from. One uniform draw is
     spent per draft, then one sample for the correction or bonus token.
     """
@@ -154,7 +156,7 @@ def context_features(hidden_states: Sequence[torch.Tensor], layer_ids: Sequence[
     ``hidden_states`` is the tuple from ``output_hidden_states=True``: entry 0
     is the embedding output (layer id -1) and entry ``i + 1`` the output of
     decoder layer ``i``. The last decoder layer is rejected because that entry
-    holds the final-normed state, not the raw layer output the draft was
+    contains the final-normed state, not the raw layer output the draft was
     trained on.
     """
     num_layers = len(hidden_states) - 1
@@ -171,7 +173,7 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     """Drop cached keys and values beyond the first ``length`` positions."""
     excess = cache.get_seq_length() - length
     if excess > 0:
-        # Negative counts remove tokens; recent transformers releases reject positive (absolute) lengths.
+        # A negative count removes that many tokens; transformers 5.25 rejects a positive (absolute) length.
         cache.crop(-excess)
 
 
@@ -183,10 +185,22 @@ def _proposal_rows(proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, probs
 
 
-def _target_forward(target: PreTrainedModel, input_ids: list[int], cache: DynamicCache, logits_to_keep: int = 0):
+def _cache_argument(target: PreTrainedModel) -> str:
+    # transformers 5.25 names the forward argument ``cache`` and deprecates ``past_key_values``;
+    # earlier releases only know ``past_key_values`` and would silently ignore ``cache``.
+    return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+
+
+def _target_forward(
+    target: PreTrainedModel, input_ids: list[int], cache: DynamicCache, cache_argument: str, logits_to_keep: int = 0
+) -> ModelOutput:
     ids = torch.tensor([input_ids], dtype=torch.long, device=target.device)
     return target(
-        input_ids=ids, cache=cache, use_cache=True, output_hidden_states=True, logits_to_keep=logits_to_keep
+        input_ids=ids,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_to_keep=logits_to_keep,
+        **{cache_argument: cache},
     )
 
 
@@ -210,7 +224,7 @@ def speculative_generate(
     drafts ends the round and the generation right after it.
 
     NOTE: the last round is recorded in full even when it commits past
-    ``max_new_tokens``; only the returned tokens are truncated, so round
+    ``max_new_tokens``. Only the returned tokens are truncated, so round
     metrics measure the draft rather than the length limit.
     """
     if not prompt_ids:
@@ -223,9 +237,10 @@ def speculative_generate(
     result = GenerationResult(prompt_length=len(prompt_ids), tokens=[])
     drafter.reset()
     cache = DynamicCache(config=target.config)
+    cache_argument = _cache_argument(target)
 
     with torch.inference_mode():
-        prefill = _target_forward(target, list(prompt_ids), cache, logits_to_keep=1)
+        prefill = _target_forward(target, list(prompt_ids), cache, cache_argument, logits_to_keep=1)
         first = sample_token(target_probs(prefill.logits[0, -1], temperature), temperature, generator)
         result.tokens.append(first)
         if first in end_tokens:
@@ -243,7 +258,7 @@ def speculative_generate(
             proposal = drafter.propose(anchor, position, temperature, generator)
             drafts, q_rows = _proposal_rows(proposal)
             draft_list = drafts.tolist()
-            verify = _target_forward(target, [anchor, *draft_list], cache)
+            verify = _target_forward(target, [anchor, *draft_list], cache, cache_argument)
             p_rows = target_probs(verify.logits[0], temperature)
             outcome = rejection_sample(p_rows, q_rows, drafts, temperature, generator)
             accepted = outcome.accepted
@@ -262,6 +277,8 @@ def speculative_generate(
             )
             if outcome.next_token in end_tokens:
                 result.finish_reason = "end_token"
+                break
+            if len(result.tokens) >= max_new_tokens:
                 break
             # Keep the anchor and the accepted drafts; the new last token is verified next round.
             crop_cache(cache, position + accepted + 1)

@@ -62,7 +62,7 @@ from deepspec.manifest import (
 )
 from deepspec.pipeline import stage_fingerprints, stage_inputs, stage_output, stage_settings
 from deepspec.runtime import configure_runtime
-from deepspec.targets.loading import end_token_ids, load_target, load_tokenizer, num_target_layers, validate_layer_ids
+from deepspec.targets.loading import end_token_ids, load_target, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,20 @@ def build_prompts(
     return prompts
 
 
-def check_draft(draft: PreTrainedModel, target: PreTrainedModel) -> list[int]:
-    """Check that ``draft`` was built for ``target`` and return its target layer ids."""
-    check_draft_matches_target(draft.config, target.config)
-    layer_ids = list(draft.config.target_layer_ids or [])
-    validate_layer_ids(layer_ids, num_target_layers(target.config), key="draft config target_layer_ids")
-    return layer_ids
+def check_draft(draft: PreTrainedModel, target: PreTrainedModel, source: str) -> list[int]:
+    """Check that ``draft`` fits ``target`` (vocabulary, hidden size, layer ids) and return its target layer ids.
+
+    The target's last layer is never a valid id, because its hidden state as
+    seen during decoding is final-normed.
+    """
+    try:
+        check_draft_matches_target(draft.config, target.config)
+    except ValueError as error:
+        raise StageInputError(
+            f"{source}: {error}. Train the draft against this target, or set target.name_or_path to the "
+            "target it was trained for"
+        ) from error
+    return list(draft.config.target_layer_ids)
 
 
 def build_untrained(trained: PreTrainedModel, target: PreTrainedModel, seed: int) -> PreTrainedModel:
@@ -223,11 +231,11 @@ def run_eval(config: PipelineConfig) -> Path:
     tokenizer = load_tokenizer(config)
     target = load_target(config, device=device)
     end_tokens = end_token_ids(target, tokenizer)
-    drafts: dict[str, PreTrainedModel] = {TRAINED: load_draft(draft_dir, device=str(device)).eval()}
-    layer_ids = check_draft(drafts[TRAINED], target)
+    drafts: dict[str, PreTrainedModel] = {TRAINED: load_draft(draft_dir, device=device)}
+    layer_ids = check_draft(drafts[TRAINED], target, f"trained draft {draft_dir}")
     if config.eval.compare_untrained:
         drafts[UNTRAINED] = build_untrained(drafts[TRAINED], target, config.eval.seed)
-        check_draft(drafts[UNTRAINED], target)
+        check_draft(drafts[UNTRAINED], target, "untrained draft")
     block_size = int(drafts[TRAINED].config.block_size)
 
     with RejectLog(output / "rejects.jsonl") as rejects:
