@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deepspec.pipeline import STAGES, stage_output
+from tests.integration.pipeline_helpers import tiny_pipeline_config
+
+pytestmark = pytest.mark.integration
+
+
+def deepspec(*args, check=True):
+    completed = subprocess.run(
+        [sys.executable, "-m", "deepspec.cli", *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    if check and completed.returncode != 0:
+        pytest.fail(f"deepspec {' '.join(args)} failed:\n{completed.stdout}\n{completed.stderr}")
+    return completed
+
+
+def test_run_twice_second_run_skips_every_stage(tiny_target_dir, tmp_path):
+    config_path, config = tiny_pipeline_config(
+        tiny_target_dir,
+        tmp_path / "runs",
+        tmp_path,
+        train={"max_steps": 4, "nproc_per_node": 2},
+        cache={"nproc_per_node": 2},
+        eval={"temperatures": [0.0, 1.0], "compare_untrained": True},
+    )
+    first = deepspec("run", "--config", str(config_path))
+    for stage in STAGES:
+        assert (stage_output(config, stage) / "_MANIFEST.json").is_file(), stage
+        assert (stage_output(config, stage) / "config.yaml").is_file(), stage
+    assert "## Accepted length tau" in first.stdout
+
+    report = json.loads((stage_output(config, "eval") / "report.json").read_text())
+    assert report, "empty report"
+
+    manifests = {stage: (stage_output(config, stage) / "_MANIFEST.json").read_bytes() for stage in STAGES}
+    second = deepspec("run", "--config", str(config_path))
+    for stage in STAGES:
+        assert f"{stage}: up to date" in second.stdout, second.stdout
+        assert (stage_output(config, stage) / "_MANIFEST.json").read_bytes() == manifests[stage]
+
+    status = deepspec("status", "--config", str(config_path)).stdout
+    assert all(f"{stage:<8} done" in status for stage in STAGES), status
+    waited = deepspec("wait", "eval", "--config", str(config_path), "--timeout", "5")
+    assert waited.returncode == 0
+
+
+def test_bad_config_exits_with_message(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  sources:\n    - name: gsm8k\ntrain:\n  lr: fast\n", encoding="utf-8")
+    completed = deepspec("prompts", "--config", str(path), check=False)
+    assert completed.returncode == 2
+    assert "train.lr" in completed.stdout
+    assert "'fast'" in completed.stdout
+
+
+def test_downstream_stage_names_missing_upstream(tiny_target_dir, tmp_path):
+    config_path, _ = tiny_pipeline_config(tiny_target_dir, tmp_path / "runs", tmp_path)
+    completed = deepspec("train", "--config", str(config_path), check=False)
+    assert completed.returncode == 2
+    assert "no finished cache output" in completed.stdout
+
+
+def test_wait_times_out_when_stage_missing(tiny_target_dir, tmp_path):
+    config_path, _ = tiny_pipeline_config(tiny_target_dir, tmp_path / "runs", tmp_path)
+    completed = deepspec(
+        "wait", "cache", "--config", str(config_path), "--timeout", "0.5", "--interval", "0.1", check=False
+    )
+    assert completed.returncode == 1
+    assert "timed out" in completed.stdout
