@@ -127,9 +127,14 @@ class CostOnlyDrafter:
         return self.oracle.propose(anchor_token, position, temperature, generator)
 
 
-def timed(function: Callable[[], list[int]]) -> tuple[list[int], float]:
+def timed(
+    decode: Callable[[Qwen3ForCausalLM, list[int], int], list[int]],
+    target: Qwen3ForCausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+) -> tuple[list[int], float]:
     started = time.perf_counter()
-    tokens = function()
+    tokens = decode(target, prompt, max_new_tokens)
     return tokens, time.perf_counter() - started
 
 
@@ -142,7 +147,7 @@ def run_speculative(
 ) -> dict[str, Any]:
     sums = AcceptanceSums()
     seconds = 0.0
-    for prompt, reference in zip(prompts, references):
+    for prompt, reference in zip(prompts, references, strict=True):
         drafter = make_drafter(prompt, reference)
         started = time.perf_counter()
         result = speculative_generate(
@@ -168,7 +173,13 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=128, help="tokens per random prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=4, help="draft block size (tokens proposed per round)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps the default")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 keeps torch's default); batch-1 steps of a tiny model slow down with more "
+        "threads when other processes share the cores",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     configure_runtime()
@@ -186,13 +197,13 @@ def main() -> None:
     references: list[list[int]] = []
     plain_seconds = 0.0
     for prompt in prompts:
-        tokens, seconds = timed(lambda: plain_greedy(target, prompt, args.max_new_tokens))
+        tokens, seconds = timed(plain_greedy, target, prompt, args.max_new_tokens)
         references.append(tokens)
         plain_seconds += seconds
     generated = sum(len(tokens) for tokens in references)
     plain_rate = generated / plain_seconds
 
-    generate_seconds = sum(timed(lambda: hf_generate(target, prompt, args.max_new_tokens))[1] for prompt in prompts)
+    generate_seconds = sum(timed(hf_generate, target, prompt, args.max_new_tokens)[1] for prompt in prompts)
 
     draft = build_draft(
         target,
@@ -228,8 +239,11 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "speculative_speedup",
-                "target": {"layers": target.config.num_hidden_layers, "hidden": target.config.hidden_size,
-                           "vocab": vocab_size},
+                "target": {
+                    "layers": target.config.num_hidden_layers,
+                    "hidden": target.config.hidden_size,
+                    "vocab": vocab_size,
+                },
                 "settings": {
                     "prompts": args.prompts,
                     "prompt_length": args.prompt_length,

@@ -585,24 +585,10 @@ def draft_kwargs_from_config(
 ) -> dict[str, Any]:
     """Map a pipeline ``DraftConfig`` (plus the cached layer ids) to ``build_draft`` keyword arguments.
 
-    ``draft.mask_token_id`` wins over ``mask_token_id`` (the tokenizer's). For
-    ``algorithm: dflash`` the draft has no Markov and no confidence head.
+    ``draft.mask_token_id`` wins over ``mask_token_id`` (the tokenizer's).
     """
-    if draft.algorithm == "dflash":
-        explicit = draft.model_fields_set
-        if "markov_rank" in explicit and draft.markov_rank > 0:
-            raise ValueError(
-                f"draft.algorithm is dflash but draft.markov_rank is {draft.markov_rank}; "
-                "DFlash has no Markov head, so remove markov_rank or use algorithm dspark"
-            )
-        if "confidence_head_alpha" in explicit and draft.confidence_head_alpha > 0:
-            raise ValueError(
-                f"draft.algorithm is dflash but draft.confidence_head_alpha is {draft.confidence_head_alpha}; "
-                "DFlash has no confidence head, so remove it or use algorithm dspark"
-            )
-        markov_rank, enable_confidence = 0, False
-    else:
-        markov_rank, enable_confidence = draft.markov_rank, draft.confidence_head_alpha > 0
+    # The config resolves algorithm defaults: DFlash has markov_rank 0 and no confidence head.
+    markov_rank, enable_confidence = draft.markov_rank, draft.confidence_head_alpha > 0
     resolved_mask = draft.mask_token_id if draft.mask_token_id is not None else mask_token_id
     if resolved_mask is None:
         raise ValueError(

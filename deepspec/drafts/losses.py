@@ -218,21 +218,12 @@ def _sampler_metrics(output: DSparkForwardOutput, mask: torch.Tensor) -> dict[st
 def loss_kwargs_from_config(draft: Any) -> dict[str, float | None]:
     """Map a pipeline ``DraftConfig`` to ``dspark_loss`` keyword arguments.
 
-    DFlash trains with cross-entropy only: unless ``ce_loss_alpha`` or
-    ``l1_loss_alpha`` were set explicitly, it uses 1.0 and 0.0, and it never
-    has a confidence term.
+    The config resolves the algorithm's defaults (DFlash: cross-entropy weight
+    1.0, L1 weight 0 and no confidence head).
     """
     gamma = draft.loss_decay_gamma
     if gamma is not None and not math.isfinite(gamma):
         raise ValueError(f"draft.loss_decay_gamma must be a finite number or null, got {gamma}")
-    if draft.algorithm == "dflash":
-        explicit = draft.model_fields_set
-        return {
-            "ce_alpha": draft.ce_loss_alpha if "ce_loss_alpha" in explicit else 1.0,
-            "l1_alpha": draft.l1_loss_alpha if "l1_loss_alpha" in explicit else 0.0,
-            "confidence_alpha": 0.0,
-            "loss_decay_gamma": gamma,
-        }
     return {
         "ce_alpha": draft.ce_loss_alpha,
         "l1_alpha": draft.l1_loss_alpha,

@@ -231,7 +231,8 @@ def run_eval(config: PipelineConfig) -> Path:
     tokenizer = load_tokenizer(config)
     target = load_target(config, device=device)
     end_tokens = end_token_ids(target, tokenizer)
-    drafts: dict[str, PreTrainedModel] = {TRAINED: load_draft(draft_dir, device=device)}
+    # The draft runs in the target's dtype because it consumes the target's hidden states directly.
+    drafts: dict[str, PreTrainedModel] = {TRAINED: load_draft(draft_dir, device=device, dtype=target.dtype)}
     layer_ids = check_draft(drafts[TRAINED], target, f"trained draft {draft_dir}")
     if config.eval.compare_untrained:
         drafts[UNTRAINED] = build_untrained(drafts[TRAINED], target, config.eval.seed)
@@ -287,7 +288,16 @@ def run_eval(config: PipelineConfig) -> Path:
                     f"tau={'-' if tau is None else f'{tau:.2f}'}"
                 )
     progress.finish()
-    return _finalize(config, output, results, samples, prompts, rejects, time.monotonic() - started, draft_dir)
+    metadata = {
+        "target": config.target.name_or_path,
+        "draft_dir": str(draft_dir),
+        "block_size": block_size,
+        "target_layer_ids": layer_ids,
+        "max_new_tokens": config.eval.max_new_tokens,
+        "seed": config.eval.seed,
+        "device": str(device),
+    }
+    return _finalize(config, output, results, samples, prompts, rejects, time.monotonic() - started, metadata)
 
 
 def _finalize(
@@ -298,14 +308,8 @@ def _finalize(
     prompts: list[EvalPrompt],
     rejects: RejectLog,
     seconds: float,
-    draft_dir: Path,
+    metadata: dict[str, Any],
 ) -> Path:
-    metadata = {
-        "target": config.target.name_or_path,
-        "draft_dir": str(draft_dir),
-        "max_new_tokens": config.eval.max_new_tokens,
-        "seed": config.eval.seed,
-    }
     report = build_report(results, metadata)
     markdown = render_markdown(report)
     atomic_write_text(output / "samples.jsonl", "".join(line + "\n" for line in samples))

@@ -133,4 +133,6 @@ def test_markdown_tables() -> None:
     header = next(line for line in lines if line.startswith("| draft | T | benchmark | rounds |"))
     assert "survival@3" in header
     assert "conditional@3" in header
-    assert "| trained | 0.0 | all | 5 | 0.8000 | 0.6000 | 0.2500 | 0.3333 | 0.8000 | 0.7500 | 0.5000 | 1.0000 |" in lines
+    assert (
+        "| trained | 0.0 | all | 5 | 0.8000 | 0.6000 | 0.2500 | 0.3333 | 0.8000 | 0.7500 | 0.5000 | 1.0000 |" in lines
+    )

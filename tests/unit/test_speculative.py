@@ -284,9 +284,7 @@ def test_end_token_as_correction_stops(target: Qwen3ForCausalLM, greedy_case: tu
     assert not result.rounds[0].stopped_by_end_token
 
 
-def test_end_token_first_gives_zero_rounds(
-    target: Qwen3ForCausalLM, greedy_case: tuple[list[int], list[int]]
-) -> None:
+def test_end_token_first_gives_zero_rounds(target: Qwen3ForCausalLM, greedy_case: tuple[list[int], list[int]]) -> None:
     prompt, g = greedy_case
     drafter = ScriptedDrafter([])
     result = decode(target, drafter, prompt, max_new_tokens=12, end=[g[0]])
