@@ -10,6 +10,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+THREADS_ENV = "DEEPSPEC_NUM_THREADS"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _configured = False
@@ -29,6 +30,9 @@ def configure_runtime() -> None:
     _configured = True
     torch.set_flush_denormal(True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = intra_op_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -36,3 +40,25 @@ def configure_runtime() -> None:
         return
     libc.mallopt(_M_MMAP_MAX, 0)
     libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def intra_op_threads() -> int | None:
+    """Return the torch CPU thread count: ``$DEEPSPEC_NUM_THREADS``, else half the logical CPUs.
+
+    Returns None under ``OMP_NUM_THREADS`` (torchrun sets it per rank), which torch already honours.
+    The default is half the logical CPUs because small-model CPU work collapses when every
+    thread has to wait for a busy core: on a 2-core machine with one other busy process, batched
+    ``generate`` of the 1.5 M-parameter toy target took 23.5 s with 2 threads and 2.3 s with 1.
+    """
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        try:
+            threads = int(value)
+        except ValueError as error:
+            raise ValueError(f"{THREADS_ENV}={value!r} must be a positive integer") from error
+        if threads < 1:
+            raise ValueError(f"{THREADS_ENV}={value!r} must be a positive integer")
+        return threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 2) // 2)

@@ -87,6 +87,9 @@ class RegenConfig(StrictModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     max_records: int | None = Field(None, ge=1, description="regenerate only the first N train records (by id)")
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="longer rendered prompts are rejected (reason prompt_too_long) instead of generated"
+    )
     keep_truncated: bool = Field(False, description="keep answers that hit max_new_tokens")
     min_kept_fraction: float = Field(0.2, ge=0, le=1)
     seed: int = 0

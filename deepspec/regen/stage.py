@@ -77,6 +77,7 @@ def run_regen(config: PipelineConfig) -> Path:
     tokenizer = load_tokenizer(config)
     model = load_target(config, device=_device())
     generator = LocalGenerator(model, tokenizer, config.regen, end_token_ids(model, tokenizer))
+    records = _order_by_prompt_length(records, tokenizer)
     parts_dir = output / "parts"
     parts_dir.mkdir(exist_ok=True)
     chunk_size = config.regen.batch_size
@@ -101,6 +102,7 @@ def regenerate_chunk(
     records: list[dict[str, Any]], generator: LocalGenerator, tokenizer: Any
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Regenerate every assistant turn of ``records``, turn by turn across the chunk."""
+    limit = prompt_token_limit(generator)
     pending = {record["id"]: _user_turns(record) for record in records}
     conversations: dict[str, list[dict[str, Any]]] = {
         record["id"]: [m for m in record["messages"] if m["role"] == "system"] for record in records
@@ -111,11 +113,19 @@ def regenerate_chunk(
         active = [rid for rid, turns in pending.items() if rid not in rejected and turn < len(turns)]
         if not active:
             break
-        prompts = []
+        prompts, generating = [], []
         for rid in active:
             conversations[rid].append({"role": "user", "content": pending[rid][turn]})
-            prompts.append(render_prompt_ids(tokenizer, conversations[rid]))
-        for rid, completion in zip(active, generator.generate(prompts), strict=True):
+            prompt = render_prompt_ids(tokenizer, conversations[rid])
+            if len(prompt) > limit:
+                rejected[rid] = {"reason": "prompt_too_long", "detail": f"turn {turn}: {len(prompt)} > {limit} tokens"}
+                continue
+            prompts.append(prompt)
+            generating.append(rid)
+        if not generating:
+            turn += 1
+            continue
+        for rid, completion in zip(generating, generator.generate(prompts), strict=True):
             if completion.finish_reason == "length" and not generator.settings.keep_truncated:
                 rejected[rid] = {"reason": "length", "detail": f"turn {turn}: {completion.num_tokens} tokens"}
                 continue
@@ -133,6 +143,26 @@ def regenerate_chunk(
         else:
             kept.append({**record, "messages": conversations[rid]})
     return kept, dropped
+
+
+def prompt_token_limit(generator: LocalGenerator) -> int:
+    """Longest prompt to generate for: ``regen.max_prompt_tokens``, and room for the answer in the target's context."""
+    settings = generator.settings
+    context = getattr(generator.model.config, "max_position_embeddings", None)
+    limit = settings.max_prompt_tokens
+    if context is not None:
+        limit = min(limit, int(context) - settings.max_new_tokens)
+    return limit
+
+
+def _order_by_prompt_length(records: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Sort records by the length of their first prompt (then id), so each batch pads little."""
+
+    def first_prompt_length(record: dict[str, Any]) -> int:
+        first_user = next(index for index, m in enumerate(record["messages"]) if m["role"] == "user")
+        return len(render_prompt_ids(tokenizer, record["messages"][: first_user + 1]))
+
+    return sorted(records, key=lambda record: (first_prompt_length(record), record["id"]))
 
 
 def _user_turns(record: dict[str, Any]) -> list[str]:

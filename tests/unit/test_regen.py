@@ -90,3 +90,15 @@ def test_multi_turn_regenerated_turn_by_turn(target):
     assert messages[1]["content"] == alone.text
     second = generator.generate([render_prompt_ids(tokenizer, messages[:3])])[0]
     assert messages[3]["content"] == second.text
+
+
+def test_prompt_over_limit_rejected_before_generation(target):
+    model, tokenizer = target
+    short_length = len(render_prompt_ids(tokenizer, [{"role": "user", "content": "Hi?"}]))
+    settings = RegenConfig(max_new_tokens=4, max_prompt_tokens=short_length, keep_truncated=True)
+    generator = LocalGenerator(model, tokenizer, settings, [tokenizer.mask_token_id])
+    long_question = "How many eggs does Janet sell at the market every single day of the week?"
+    kept, rejected = regenerate_chunk([record("a", long_question), record("b", "Hi?")], generator, tokenizer)
+    assert [r["reason"] for r in rejected] == ["prompt_too_long"]
+    assert rejected[0]["id"] == "a"
+    assert [k["id"] for k in kept] == ["b"]
