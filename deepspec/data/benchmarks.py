@@ -144,9 +144,7 @@ def benchmark_spec(name: str) -> BenchmarkSpec:
     return spec
 
 
-def format_benchmark_rows(
-    spec: BenchmarkSpec, rows: Iterable[dict[str, Any]]
-) -> Iterator[dict[str, Any] | Rejection]:
+def format_benchmark_rows(spec: BenchmarkSpec, rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any] | Rejection]:
     """Yield one ``{"turns": [...]}`` row per source row of benchmark ``spec``.
 
     A source row that the formatter cannot read (a missing field, a wrong type)

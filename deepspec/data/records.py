@@ -198,9 +198,7 @@ def _check_order(messages: list[Message]) -> None:
             # Regenerating turn by turn would merge or drop one of the two questions.
             raise _RowError("consecutive_user_turns", f"messages {index - 1} and {index} are both user turns")
         if role == "assistant" and previous == "assistant":
-            raise _RowError(
-                "consecutive_assistant_turns", f"messages {index - 1} and {index} are both assistant turns"
-            )
+            raise _RowError("consecutive_assistant_turns", f"messages {index - 1} and {index} are both assistant turns")
         previous = role
     if previous == "system":
         raise _RowError("empty_conversation", "the conversation has a system message but no user turn")

@@ -230,7 +230,9 @@ def check_draft_matches_target(
             problems.append(f"{field}: draft {draft_value} != target {target_value}")
     target_layers = getattr(target_config, "num_hidden_layers", None)
     if draft_config.num_target_layers != target_layers:
-        problems.append(f"num_target_layers: draft {draft_config.num_target_layers} != target num_hidden_layers {target_layers}")
+        problems.append(
+            f"num_target_layers: draft {draft_config.num_target_layers} != target num_hidden_layers {target_layers}"
+        )
     draft_ids = list(draft_config.target_layer_ids or [])
     if target_layers is not None:
         try:

@@ -65,7 +65,7 @@ def validate_target_layer_ids(layer_ids: list[int], num_target_layers: int) -> N
     """
     if not layer_ids:
         raise ValueError("target_layer_ids is empty; list at least one target layer whose output feeds the draft")
-    if any(later <= earlier for earlier, later in zip(layer_ids, layer_ids[1:])):
+    if any(later <= earlier for earlier, later in zip(layer_ids, layer_ids[1:], strict=False)):
         raise ValueError(f"target_layer_ids must be strictly increasing, got {layer_ids}")
     last_allowed = num_target_layers - 2
     bad = [layer for layer in layer_ids if layer < -1 or layer > last_allowed]
@@ -96,7 +96,9 @@ def validate_dspark_config(config: DSparkConfig) -> None:
         )
     if config.enable_confidence_head:
         if config.confidence_head_with_markov is None:
-            raise ValueError("enable_confidence_head is true, so confidence_head_with_markov must be set (true or false)")
+            raise ValueError(
+                "enable_confidence_head is true, so confidence_head_with_markov must be set (true or false)"
+            )
         if config.confidence_head_with_markov and config.markov_rank == 0:
             raise ValueError("confidence_head_with_markov needs a Markov head; set markov_rank > 0 or set it to false")
     if config.tie_word_embeddings:
@@ -373,7 +375,7 @@ class Qwen3DSparkModel(PreTrainedModel):
         """Run the draft layers over ``block_ids [B, Q]`` at ``positions [B, Q]``; return ``norm(x)`` ``[B, Q, H]``."""
         x = self.embed_tokens(block_ids)
         cos, sin = self.rotary_emb(x, positions)
-        for layer, layer_kv in zip(self.layers, context_kv):
+        for layer, layer_kv in zip(self.layers, context_kv, strict=False):
             x = layer(x, layer_kv, cos, sin, mask)
         return self.norm(x)
 
@@ -445,9 +447,9 @@ class Qwen3DSparkModel(PreTrainedModel):
         # NOTE: the mask is dense, so attention memory grows with N*bs x (S + N*bs) per sample and
         # head. DeepSpec uses a sparse flex-attention block mask here for long sequences on GPU.
         mask = build_block_attention_mask(anchor_positions, block_keep_mask, seq_len, block_size)
-        hidden = self.backbone(
-            block_ids.view(batch, -1), block_positions.view(batch, -1), context_kv, mask
-        ).view(batch, num_blocks, block_size, -1)
+        hidden = self.backbone(block_ids.view(batch, -1), block_positions.view(batch, -1), context_kv, mask).view(
+            batch, num_blocks, block_size, -1
+        )
 
         label_index, target_ids, eval_mask = block_labels(
             input_ids, loss_mask, anchor_positions, block_keep_mask, block_size

@@ -129,7 +129,7 @@ class DSparkDrafter:
         new_kv = self.model.context_kv(context, positions)
         self._cache = [
             (torch.cat([key, new_key], dim=2), torch.cat([value, new_value], dim=2))
-            for (key, value), (new_key, new_value) in zip(self._cache, new_kv)
+            for (key, value), (new_key, new_value) in zip(self._cache, new_kv, strict=False)
         ]
 
     @torch.no_grad()

@@ -44,7 +44,10 @@ class MarkovHead(nn.Module):
     def step_bias(
         self, prev_ids: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Compute one slot's bias ``[..., V]`` from ``prev_ids [...]`` and ``hidden [..., H]``; return it and the next state."""
+        """Compute one slot's bias ``[..., V]`` from ``prev_ids [...]`` and ``hidden [..., H]``.
+
+        Returns the bias and the next recurrent state (None for stateless heads).
+        """
         raise NotImplementedError
 
     def block_bias(self, prev_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

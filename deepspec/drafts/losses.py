@@ -164,7 +164,9 @@ def dspark_loss(
     )
 
 
-def _accuracy_metrics(draft_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _accuracy_metrics(
+    draft_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     correct = (draft_logits.argmax(dim=-1) == target_ids).float() * mask
     metrics = {"accuracy": correct.sum() / mask.sum().clamp(min=1.0)}
     per_slot = correct.sum(dim=(0, 1)) / mask.sum(dim=(0, 1)).clamp(min=1.0)

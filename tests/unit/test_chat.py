@@ -87,12 +87,14 @@ def assistant(text):
 
 
 def masked_text(tokenizer, example):
-    return tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m], skip_special_tokens=False)
+    return tokenizer.decode(
+        [t for t, m in zip(example.input_ids, example.loss_mask, strict=False) if m], skip_special_tokens=False
+    )
 
 
 def unmasked_text(tokenizer, example):
     return tokenizer.decode(
-        [t for t, m in zip(example.input_ids, example.loss_mask) if not m], skip_special_tokens=False
+        [t for t, m in zip(example.input_ids, example.loss_mask, strict=False) if not m], skip_special_tokens=False
     )
 
 
@@ -141,7 +143,9 @@ def test_mask_covers_every_assistant_turn(tokenizer):
     ]
     example = train(tokenizer, messages)
     assert masked_text(tokenizer, example) == "Sixteen eggs.<|im_end|>\nThe answer is 42.<|im_end|>\n"
-    spans = sum(1 for before, now in zip([0] + example.loss_mask, example.loss_mask) if now and not before)
+    spans = sum(
+        1 for before, now in zip([0] + example.loss_mask, example.loss_mask, strict=False) if now and not before
+    )
     assert spans == 2
 
 

@@ -52,7 +52,7 @@ def tiny_draft(head: str = "rnn") -> Qwen3DSparkModel:
     )
     # Non-trivial norm and bias values, so a tensor mixed up on load changes the outputs.
     with torch.no_grad():
-        for name, parameter in draft.named_parameters():
+        for _name, parameter in draft.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(0.05 * torch.randn_like(parameter))
     return draft.eval()
@@ -87,7 +87,7 @@ def test_round_trip_fp32_single_file(tmp_path):
     assert (tmp_path / WEIGHTS_NAME).is_file()
     assert not (tmp_path / INDEX_NAME).exists()
     loaded = load_draft(tmp_path)
-    for original, restored in zip(outputs(draft), outputs(loaded)):
+    for original, restored in zip(outputs(draft), outputs(loaded), strict=False):
         assert torch.equal(original, restored)
     assert [n for n, p in loaded.named_parameters() if not p.requires_grad] == ["embed_tokens.weight", "lm_head.weight"]
 
@@ -113,7 +113,7 @@ def test_round_trip_bf16_sharded_index(tmp_path):
     loaded = load_draft(tmp_path)
     assert loaded.fc.weight.dtype == torch.bfloat16
     reference = copy.deepcopy(draft).to(torch.bfloat16)
-    for original, restored in zip(outputs(reference), outputs(loaded)):
+    for original, restored in zip(outputs(reference), outputs(loaded), strict=False):
         assert torch.equal(original, restored)
 
 
@@ -187,7 +187,9 @@ def test_check_matches_target():
         check_draft_matches_target(draft.config, tiny_target(vocab_size=128).config)
     with pytest.raises(ValueError, match="hidden_size: draft 16 != target 32"):
         check_draft_matches_target(draft.config, tiny_target(hidden_size=32, head_dim=8).config)
-    with pytest.raises(ValueError, match=r"num_target_layers: draft 4 != target num_hidden_layers 3.*\[2\] are invalid"):
+    with pytest.raises(
+        ValueError, match=r"num_target_layers: draft 4 != target num_hidden_layers 3.*\[2\] are invalid"
+    ):
         check_draft_matches_target(draft.config, tiny_target(num_hidden_layers=3).config)
     with pytest.raises(ValueError, match=r"target_layer_ids: draft \[0, 2\] != cached layer ids \[1, 2\]"):
         check_draft_matches_target(draft.config, tiny_target().config, layer_ids=[1, 2])

@@ -39,7 +39,7 @@ def cross_entropy(row: list[float], label: int) -> float:
 
 
 def l1(slot: int) -> float:
-    return sum(abs(p - q) for p, q in zip(softmax(DRAFT_LOGITS[slot]), softmax(TARGET_LOGITS[slot])))
+    return sum(abs(p - q) for p, q in zip(softmax(DRAFT_LOGITS[slot]), softmax(TARGET_LOGITS[slot]), strict=False))
 
 
 def bce(logit: float, target: float) -> float:
@@ -48,7 +48,9 @@ def bce(logit: float, target: float) -> float:
 
 
 def test_position_weights_follow_code_convention():
-    assert position_weights(3, 4.0, torch.device("cpu")).tolist() == pytest.approx([1.0, math.exp(-0.25), math.exp(-0.5)])
+    assert position_weights(3, 4.0, torch.device("cpu")).tolist() == pytest.approx(
+        [1.0, math.exp(-0.25), math.exp(-0.5)]
+    )
     assert position_weights(3, None, torch.device("cpu")).tolist() == [1.0, 1.0, 1.0]
     assert position_weights(3, 0.0, torch.device("cpu")).tolist() == [1.0, 1.0, 1.0]
 
@@ -89,18 +91,22 @@ def test_metrics_match_hand_computation():
     assert metrics["valid_anchors_ratio"] == 0.25
     weights = [1.0, math.exp(-1.0 / GAMMA)]
     predicted = [1.0 / (1.0 + math.exp(-c)) for c in CONFIDENCE]
-    bias = sum(w * (p - a) for w, p, a in zip(weights, predicted, accept)) / sum(weights)
+    bias = sum(w * (p - a) for w, p, a in zip(weights, predicted, accept, strict=False)) / sum(weights)
     assert metrics["confidence_bias"] == pytest.approx(bias, rel=1e-5)
 
 
 def test_unsupervised_slot_gets_no_weight():
-    full = dspark_loss(make_output([True, False]), ce_alpha=1.0, l1_alpha=0.0, confidence_alpha=0.0, loss_decay_gamma=GAMMA)
+    full = dspark_loss(
+        make_output([True, False]), ce_alpha=1.0, l1_alpha=0.0, confidence_alpha=0.0, loss_decay_gamma=GAMMA
+    )
     assert full.components["ce_loss"].item() == pytest.approx(cross_entropy(DRAFT_LOGITS[0], TARGET_IDS[0]), rel=1e-5)
     assert full.num_supervised == 1
 
 
 def test_l1_term_only_with_positive_alpha():
-    result = dspark_loss(make_output([True, True]), ce_alpha=1.0, l1_alpha=0.0, confidence_alpha=0.0, loss_decay_gamma=GAMMA)
+    result = dspark_loss(
+        make_output([True, True]), ce_alpha=1.0, l1_alpha=0.0, confidence_alpha=0.0, loss_decay_gamma=GAMMA
+    )
     assert result.components["l1_loss_num"].item() == 0.0
     assert result.components["l1_loss_den"].item() == 0.0
     assert "l1_loss" not in result.metrics
@@ -128,7 +134,9 @@ def test_zero_supervised_gives_zero_finite_loss():
 
 
 def test_denominators_are_summed_over_ranks():
-    single = dspark_loss(make_output([True, True]), ce_alpha=0.1, l1_alpha=0.9, confidence_alpha=1.0, loss_decay_gamma=4.0)
+    single = dspark_loss(
+        make_output([True, True]), ce_alpha=0.1, l1_alpha=0.9, confidence_alpha=1.0, loss_decay_gamma=4.0
+    )
     seen: list[torch.Tensor] = []
 
     def two_identical_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ def tiny_target(layers: int = 4, seed: int = 0) -> Qwen3ForCausalLM:
     return target
 
 
-def tiny_draft(target: Qwen3ForCausalLM | None = None, *, head: str = "vanilla", seed: int = 1, **overrides) -> Qwen3DSparkModel:
+def tiny_draft(
+    target: Qwen3ForCausalLM | None = None, *, head: str = "vanilla", seed: int = 1, **overrides
+) -> Qwen3DSparkModel:
     settings = dict(
         layer_ids=[0, 2],
         block_size=3,
@@ -315,7 +317,9 @@ def test_forward_rejects_bad_shapes():
         draft.forward_train(**batch, anchor_positions=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"must both be \[batch=2, num_blocks\]"):
         draft.forward_train(
-            **batch, anchor_positions=torch.zeros(2, 4, dtype=torch.long), block_keep_mask=torch.ones(2, 3, dtype=torch.bool)
+            **batch,
+            anchor_positions=torch.zeros(2, 4, dtype=torch.long),
+            block_keep_mask=torch.ones(2, 3, dtype=torch.bool),
         )
 
 
@@ -333,7 +337,9 @@ def test_drafting_matches_training_forward(head):
     drafter.extend_context(batch["target_hidden_states"][0, 4:anchor])
     with torch.no_grad():
         hidden = drafter.block_hidden(int(batch["input_ids"][0, anchor]), anchor)
-        block = sample_block(draft, hidden, int(batch["input_ids"][0, anchor]), 1.0, forced_tokens=output.target_ids[0, 1])
+        block = sample_block(
+            draft, hidden, int(batch["input_ids"][0, anchor]), 1.0, forced_tokens=output.target_ids[0, 1]
+        )
     assert torch.allclose(block.corrected_logits, output.draft_logits[0, 1], atol=1e-5)
     assert torch.allclose(block.confidence_logits, output.confidence_pred[0, 1], atol=1e-5)
 
@@ -403,7 +409,9 @@ def test_build_draft_accepts_embedding_layer_id():
 
 
 def test_build_draft_rejects_non_qwen3_target():
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4
+    )
     with pytest.raises(ValueError, match="model_type 'llama'"):
         tiny_draft(LlamaForCausalLM(config))
 
@@ -446,6 +454,8 @@ def test_draft_kwargs_from_config_rejects_conflicts():
 
 
 def test_config_subclass_loads_plain_qwen3_fields():
-    config = DSparkConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_target_layers=4, target_layer_ids=[0], mask_token_id=1)
+    config = DSparkConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_target_layers=4, target_layer_ids=[0], mask_token_id=1
+    )
     assert config.model_type == "qwen3"
     assert config.block_size == 7 and config.num_anchors == 512 and config.markov_rank == 0

@@ -85,7 +85,9 @@ class Case:
 @cache
 def load_case(name: str) -> Case:
     if name == NO_CASE:
-        pytest.fail(f"no Qwen3 DSpark/DFlash parity case in {PARITY_DIR}; set DEEPSPEC_PARITY_DIR to the fixture folder")
+        pytest.fail(
+            f"no Qwen3 DSpark/DFlash parity case in {PARITY_DIR}; set DEEPSPEC_PARITY_DIR to the fixture folder"
+        )
     folder = PARITY_DIR / name
     weights = load_file(folder / "weights.safetensors")
     return Case(
@@ -226,11 +228,15 @@ def test_drafting_matches(name):
         assert torch.equal(proposal.probs.argmax(dim=-1), proposal.tokens)
         assert torch.all(proposal.probs.sum(dim=-1) == 1.0)
         greedy = sample_block(model, hidden, anchor, 0.0)
-        assert_tensor_close(prefix + "greedy_corrected", greedy.corrected_logits, case.tensors[prefix + "greedy_corrected_logits"][0])
+        assert_tensor_close(
+            prefix + "greedy_corrected", greedy.corrected_logits, case.tensors[prefix + "greedy_corrected_logits"][0]
+        )
 
         sampled = sample_block(model, hidden, anchor, 1.0, forced_tokens=case.inputs[prefix + "t1_tokens"][0])
         assert sampled.tokens.tolist() == round_info["t1_tokens"]
-        assert_tensor_close(prefix + "t1_corrected", sampled.corrected_logits, case.tensors[prefix + "t1_corrected_logits"][0])
+        assert_tensor_close(
+            prefix + "t1_corrected", sampled.corrected_logits, case.tensors[prefix + "t1_corrected_logits"][0]
+        )
         assert_tensor_close(prefix + "t1_draft_probs", sampled.probs, case.tensors[prefix + "t1_draft_probs"][0])
 
         for mode, block in (("greedy", greedy), ("t1", sampled)):
@@ -238,7 +244,9 @@ def test_drafting_matches(name):
                 assert block.confidence_logits is None
                 continue
             assert_tensor_close(
-                prefix + f"{mode}_confidence", block.confidence_logits, case.tensors[prefix + f"{mode}_confidence_logits"][0]
+                prefix + f"{mode}_confidence",
+                block.confidence_logits,
+                case.tensors[prefix + f"{mode}_confidence_logits"][0],
             )
             lengths = {
                 threshold: proposal_length(block.confidence_logits, float(threshold), model.block_size)
