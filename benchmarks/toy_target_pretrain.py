@@ -5,11 +5,11 @@ Usage::
     python benchmarks/toy_target_pretrain.py [--steps 12] [--warmup-steps 3] [--data-dir DIR]
 
 Both precisions train a fresh model with the same seed and the same batches,
-in one process, so the printed ``bf16_speedup`` ratio is comparable across
-machines even when absolute tokens/s are not. With ``--data-dir`` (default
-``$DEEPSPEC_DATA_DIR``) the batches are the packed benchmark prompts; without
-it they are uniform random token ids, which cost the same per step.
-Prints one JSON object.
+in one process, so ``bf16_speedup`` compares them under the same conditions.
+Absolute tokens/s depend on the CPU, its load and ``DEEPSPEC_NUM_THREADS``.
+With ``--data-dir`` (default ``$DEEPSPEC_DATA_DIR``) the batches are the packed
+benchmark prompts. Without it they are uniform random token ids, which cost the
+same per step. Prints one JSON object.
 """
 
 from __future__ import annotations

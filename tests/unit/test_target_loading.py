@@ -31,6 +31,7 @@ from deepspec.targets import (
     resolve_target,
     validate_layer_ids,
 )
+from tests.conftest import shared_eval_dir
 
 TINY_TOY = {
     "vocab_size": 300,
@@ -52,11 +53,7 @@ TINY_TOY = {
 def eval_data_dir() -> Path:
     """The benchmark prompt folder: ``$DEEPSPEC_DATA_DIR``, else the development checkout's copy."""
     value = os.environ.get("DEEPSPEC_DATA_DIR")
-    if value:
-        return Path(value)
-    from conftest import shared_eval_dir
-
-    return shared_eval_dir()
+    return Path(value) if value else shared_eval_dir()
 
 
 def pipeline_config(target: dict[str, Any], data_dir: Path | None = None) -> PipelineConfig:

@@ -28,6 +28,7 @@ from deepspec.targets.toy import (
     toy_cache_root,
     toy_target_key,
 )
+from tests.conftest import shared_eval_dir
 
 GSM8K_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -55,11 +56,7 @@ def tiny_config(**overrides: object) -> ToyTargetConfig:
 def eval_data_dir() -> Path:
     """The benchmark prompt folder: ``$DEEPSPEC_DATA_DIR``, else the development checkout's copy."""
     value = os.environ.get("DEEPSPEC_DATA_DIR")
-    if value:
-        return Path(value)
-    from conftest import shared_eval_dir
-
-    return shared_eval_dir()
+    return Path(value) if value else shared_eval_dir()
 
 
 def synthetic_rows() -> list[list[str]]:
