@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -62,3 +64,23 @@ def intra_op_threads() -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+@contextmanager
+def bulk_compute_threads() -> Iterator[None]:
+    """Use every logical CPU inside the block, unless a thread count was set explicitly.
+
+    Large batched work such as pretraining the toy target scales with threads on an idle
+    machine (18.3k against 10.0k tokens/s with 2 threads against 1 on a 2-core Xeon), unlike
+    batch-1 decoding. Under load from other processes it collapses instead, so an explicit
+    ``DEEPSPEC_NUM_THREADS`` or ``OMP_NUM_THREADS`` always wins.
+    """
+    if os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or previous)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

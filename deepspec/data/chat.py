@@ -66,7 +66,8 @@ def render_chat_text(tokenizer: Any, messages: Sequence[dict[str, Any]], add_gen
 def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
     """Return the token ids of ``messages`` followed by the template's generation prompt."""
     text = render_chat_text(tokenizer, messages, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: callers compare the length with their own limit and reject long prompts.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def render_training_example(

@@ -36,6 +36,7 @@ from deepspec import __version__
 from deepspec.config import ConfigError, ToyTargetConfig
 from deepspec.logs import Progress
 from deepspec.manifest import canonical_json, fsync_dir
+from deepspec.runtime import bulk_compute_threads
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +474,8 @@ def _build_toy_target(cfg: ToyTargetConfig, rows: Sequence[Sequence[str]], out_d
     torch.manual_seed(cfg.seed)
     model = build_model(cfg)
     batches = packed_batches(train_documents, cfg.seq_len, cfg.batch_size, cfg.seed)
-    train_stats = pretrain(model, batches, cfg)
+    with bulk_compute_threads():
+        train_stats = pretrain(model, batches, cfg)
     heldout = evaluate_heldout(model, heldout_tokens, cfg.seq_len, cfg.batch_size)
     logger.info(
         "toy target held-out: loss=%.3f ppl=%.1f top1=%.3f over %d tokens",
