@@ -5,7 +5,8 @@ Lines look like::
     2026-12-04T21:40:02Z INFO stage=cache rank=0 | records=512/1000 rate=85.3/s eta=6s | shard 3 closed
 
 ``Progress`` emits such a line at a fixed interval and at the end, with the
-done/total count, the rate and the ETA.
+done/total count, the rate and the ETA. On a terminal it draws a tqdm bar in
+place of the interval lines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import os
 import sys
 import time
+
+from tqdm import tqdm
 
 _STAGE = "-"
 _RANK = 0
@@ -78,9 +81,17 @@ class Progress:
         self._start_done = start
         self._started = time.monotonic()
         self._last = self._started
+        self._bar: tqdm | None = None
+        if sys.stdout.isatty():
+            self._bar = tqdm(total=total, initial=start, unit=unit, dynamic_ncols=True, leave=False)
 
     def update(self, count: int = 1, note: str = "") -> None:
         self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+            if note:
+                self._bar.set_postfix_str(note, refresh=False)
+            return
         now = time.monotonic()
         if now - self._last >= self.interval_s:
             self._last = now
@@ -97,4 +108,7 @@ class Progress:
         return f"{text} | {note}" if note else text
 
     def finish(self, note: str = "") -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.logger.info(self.line(note or "done"))
