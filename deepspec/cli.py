@@ -25,7 +25,7 @@ from pathlib import Path
 
 from deepspec.config import ConfigError, PipelineConfig, load_config
 from deepspec.logs import set_stage, setup_logging
-from deepspec.manifest import MANIFEST_NAME, StageInputError, read_manifest
+from deepspec.manifest import MANIFEST_NAME, StageError, StageInputError, read_manifest
 from deepspec.pipeline import STAGES, stage_output
 from deepspec.runtime import configure_runtime
 
@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageInputError) as error:
         logger.error("%s", error)
         return 2
+    except StageError as error:
+        logger.error("%s", error)
+        return 1
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to resume")
         return 130

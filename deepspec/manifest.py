@@ -25,7 +25,11 @@ REJECTS_NAME = "rejects.jsonl"
 FORMAT_VERSION = 1
 
 
-class StageInputError(RuntimeError):
+class StageError(RuntimeError):
+    """A stage stopped for a reason the user can fix; the message says what to change."""
+
+
+class StageInputError(StageError):
     """An upstream output is missing or was produced with other settings."""
 
 
@@ -217,11 +221,11 @@ def check_kept_fraction(
 ) -> None:
     """Fail a stage whose share of kept records fell below ``minimum``."""
     if total == 0:
-        raise RuntimeError(f"{stage}: no input records; check the upstream output and the data sources")
+        raise StageError(f"{stage}: no input records; check the upstream output and the data sources")
     fraction = kept / total
     if fraction < minimum:
         reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(rejected.items())) or "none"
-        raise RuntimeError(
+        raise StageError(
             f"{stage}: kept {kept}/{total} records ({fraction:.1%}), below {key}={minimum}; "
             f"rejected by reason: {reasons}. Inspect the rejects file, fix the input, or lower {key}."
         )

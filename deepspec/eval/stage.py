@@ -51,6 +51,7 @@ from deepspec.eval.speculative import GenerationResult, speculative_generate
 from deepspec.logs import Progress, setup_logging
 from deepspec.manifest import (
     RejectLog,
+    StageError,
     StageInputError,
     atomic_write_json,
     atomic_write_text,
@@ -248,7 +249,7 @@ def run_eval(config: PipelineConfig) -> Path:
             rejects=rejects,
         )
     if not prompts:
-        raise RuntimeError(
+        raise StageError(
             f"eval: none of the {sum(len(rows) for rows in selected.values())} selected held-out records can be "
             f"decoded (rejected by reason: {dict(rejects.counts)}); see {output / 'rejects.jsonl'}"
         )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from deepspec.drafts.checkpoint import load_draft, save_draft
-from deepspec.manifest import atomic_write_json, fsync_dir
+from deepspec.manifest import StageError, atomic_write_json, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     path = root / json.loads(pointer.read_text(encoding="utf-8"))["path"]
     if not path.is_dir():
-        raise RuntimeError(f"{pointer} points at {path}, which does not exist; delete {pointer} to start over")
+        raise StageError(f"{pointer} points at {path}, which does not exist; delete {pointer} to start over")
     return path
 
 
@@ -84,7 +84,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     saved = load_draft(path / "draft")
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
     if missing or unexpected:
-        raise RuntimeError(
+        raise StageError(
             f"checkpoint {path} does not match the configured draft: missing {missing}, unexpected {unexpected}. "
             "The draft settings changed since it was written; use a new storage.root or delete the checkpoint."
         )

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from deepspec.config import ConfigError
+
 
 class StepSampler:
     def __init__(self, num_samples: int, global_batch_size: int, seed: int) -> None:
         if num_samples < global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the cache holds {num_samples} samples, fewer than train.global_batch_size={global_batch_size}; "
                 "regenerate more records or lower train.global_batch_size"
             )

@@ -16,9 +16,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from deepspec.cache.reader import CacheReader, collate
-from deepspec.config import PipelineConfig
+from deepspec.config import ConfigError, PipelineConfig
 from deepspec.drafts.losses import dspark_loss, loss_kwargs_from_config
 from deepspec.logs import format_duration
+from deepspec.manifest import StageError
 from deepspec.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from deepspec.train.data import StepSampler
 from deepspec.train.distributed import DistEnv, all_reduce_sum
@@ -82,7 +83,7 @@ class Trainer:
         settings = config.train
         per_step = env.world_size * settings.per_device_batch_size
         if settings.global_batch_size % per_step != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train.global_batch_size={settings.global_batch_size} must be a multiple of world size "
                 f"({env.world_size}) x train.per_device_batch_size ({settings.per_device_batch_size}); "
                 "change one of them"
@@ -235,7 +236,7 @@ class Trainer:
         self._consecutive_skips += 1
         logger.warning("step %d: optimizer step skipped (%s)", self.state.step + 1, reason)
         if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(
+            raise StageError(
                 f"{self._consecutive_skips} optimizer steps in a row were skipped ({reason}); "
                 "check the cache for samples without supervised tokens or lower train.lr"
             )

@@ -72,3 +72,19 @@ def test_wait_times_out_when_stage_missing(tiny_target_dir, tmp_path):
     )
     assert completed.returncode == 1
     assert "timed out" in completed.stdout
+
+
+def test_failed_stage_exits_without_traceback(tmp_path):
+    rows = tmp_path / "bad.jsonl"
+    rows.write_text('{"messages": []}\n{"messages": [{"role": "assistant", "content": "Hi"}]}\nnot json\n')
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"data:\n  sources:\n    - name: bad\n      path: {rows}\nstorage:\n  root: {tmp_path / 'runs'}\n",
+        encoding="utf-8",
+    )
+    completed = deepspec("prompts", "--config", str(path), check=False)
+    assert completed.returncode == 1
+    assert "kept 0/3 records" in completed.stdout
+    assert "data.min_kept_fraction" in completed.stdout
+    assert "Traceback" not in completed.stdout + completed.stderr
+    assert not list((tmp_path / "runs").rglob("_MANIFEST.json"))
