@@ -59,6 +59,20 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig], Path]:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepspec", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--until", choices=STAGES, help="stop after this stage")
     wait = add("wait", "block until a stage's output for this config exists")
     wait.add_argument("stage", choices=STAGES)
-    wait.add_argument("--timeout", type=float, default=0, help="seconds to wait; 0 waits forever")
-    wait.add_argument("--interval", type=float, default=10, help="seconds between checks")
+    wait.add_argument("--timeout", type=_non_negative, default=0, help="seconds to wait; 0 waits forever")
+    wait.add_argument("--interval", type=_positive, default=10, help="seconds between checks")
     add("status", "show which stages are done, running or waiting for this config")
     add("toy-target", "build (or find in the cache) the toy target and print its directory and metrics")
     return parser
@@ -106,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as error:
         logger.error("%s", error)
         return 1
+    except (FileNotFoundError, ValueError) as error:
+        # Raised for bad input such as a missing source file; DEEPSPEC_DEBUG=1 shows the traceback.
+        if os.environ.get("DEEPSPEC_DEBUG"):
+            raise
+        logger.error("%s: %s", type(error).__name__, error)
+        return 2
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to resume")
         return 130
@@ -190,10 +210,14 @@ def wait_for_stage(config: PipelineConfig, stage: str, timeout: float, interval:
     deadline = time.monotonic() + timeout if timeout > 0 else None
     logger.info("waiting for %s", output / MANIFEST_NAME)
     while read_manifest(output) is None:
-        if deadline is not None and time.monotonic() >= deadline:
+        if deadline is None:
+            time.sleep(interval)
+            continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             logger.error("timed out after %.0f s waiting for %s", timeout, output / MANIFEST_NAME)
             return 1
-        time.sleep(interval)
+        time.sleep(min(interval, remaining))
     logger.info("%s is done", stage)
     return 0
 
@@ -205,7 +229,8 @@ def format_status(config: PipelineConfig) -> str:
         if read_manifest(output) is not None:
             state = "done"
         elif output.exists():
-            state = "running"
+            # Started but unpublished: still running, or failed or killed (the next run resumes it).
+            state = "started"
         else:
             state = "waiting"
         lines.append(f"{stage:<8} {state:<8} {output}")

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deepspec.config import PipelineConfig
+from deepspec.config import ConfigError, PipelineConfig
 from deepspec.manifest import fingerprint, stage_dir
 
 DATA_DIR_ENV = "DEEPSPEC_DATA_DIR"
@@ -76,5 +76,16 @@ def stage_output(config: PipelineConfig, stage: str) -> Path:
 
 def resolve_data_dir(config: PipelineConfig) -> Path | None:
     """Return ``data.data_dir``, else ``$DEEPSPEC_DATA_DIR``, else None (sources then come from the hub)."""
-    value = config.data.data_dir or os.environ.get(DATA_DIR_ENV)
-    return Path(value).expanduser() if value else None
+    if config.data.data_dir:
+        key, value = "data.data_dir", config.data.data_dir
+    elif os.environ.get(DATA_DIR_ENV):
+        key, value = DATA_DIR_ENV, os.environ[DATA_DIR_ENV]
+    else:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"{key}={value!r} is not a directory; point it at the folder of benchmark JSONL files, "
+            "or unset it to download the benchmark sets from the Hugging Face hub"
+        )
+    return path

@@ -139,6 +139,10 @@ def format_validation_error(error: ValidationError, raw: dict[str, Any], source:
         if item["type"] == "missing":
             lines.append(f"  {dotted}: required key is missing")
             continue
+        if not loc:
+            # A check across sections: its message names the keys, and the input is the whole config.
+            lines.append(f"  {item['msg']}")
+            continue
         value = item.get("input")
         lines.append(f"  {dotted}: {item['msg']} (got {value!r})")
     return "\n".join(lines)

@@ -6,7 +6,7 @@ Every model forbids unknown keys, so a misspelt key in a YAML file or a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -178,7 +178,9 @@ class EvalConfig(StrictModel):
     benchmarks: list[str] | None = Field(None, description="source names to evaluate; null means every source")
     max_prompts_per_benchmark: int = Field(20, ge=1)
     max_new_tokens: int = Field(64, ge=1)
-    temperatures: list[float] = Field([1.0], min_length=1, description="one report per temperature; 0 is greedy")
+    temperatures: list[Annotated[float, Field(ge=0)]] = Field(
+        [1.0], min_length=1, description="one report per temperature; 0 is greedy"
+    )
     seed: int = 0
     compare_untrained: bool = Field(True, description="also evaluate an untrained draft of the same shape")
 

@@ -164,7 +164,7 @@ def _iter_jsonl(path: Path) -> Iterator[SourceRow]:
                 yield Rejection("invalid_json", f"{path}:{line_number}: not valid UTF-8 ({error.reason})")
             except json.JSONDecodeError as error:
                 text = raw.decode("utf-8").strip()
-                yield Rejection("invalid_json", f"{path}:{line_number}: {error.msg} at column {error.colno}", row=text)
+                yield Rejection("invalid_json", f"{path}:{line_number}: {error}", row=text)
 
 
 def _iter_parquet(path: Path) -> Iterator[dict[str, Any]]:

@@ -88,3 +88,16 @@ def test_failed_stage_exits_without_traceback(tmp_path):
     assert "data.min_kept_fraction" in completed.stdout
     assert "Traceback" not in completed.stdout + completed.stderr
     assert not list((tmp_path / "runs").rglob("_MANIFEST.json"))
+
+
+def test_missing_source_file_exits_with_message(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"data:\n  sources:\n    - name: mine\n      path: {tmp_path / 'absent.jsonl'}\n"
+        f"storage:\n  root: {tmp_path / 'runs'}\n",
+        encoding="utf-8",
+    )
+    completed = deepspec("prompts", "--config", str(path), check=False)
+    assert completed.returncode == 2
+    assert "absent.jsonl" in completed.stdout
+    assert "Traceback" not in completed.stdout + completed.stderr

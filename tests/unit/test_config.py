@@ -114,3 +114,28 @@ def test_dflash_defaults_turn_heads_off():
 def test_dflash_with_markov_head_rejected():
     with pytest.raises(ConfigError, match="DFlash has neither head"):
         validate_config({**MINIMAL, "draft": {"algorithm": "dflash", "markov_rank": 8}})
+
+
+def test_negative_eval_temperature_rejected():
+    with pytest.raises(ConfigError, match=r"eval.temperatures.1: Input should be greater than or equal to 0"):
+        validate_config({**MINIMAL, "eval": {"temperatures": [0.0, -1.0]}})
+
+
+def test_cross_section_error_does_not_print_whole_config():
+    with pytest.raises(ConfigError) as error:
+        validate_config({**MINIMAL, "train": {"global_batch_size": 7, "per_device_batch_size": 2}})
+    message = str(error.value)
+    assert "train.global_batch_size (7) must be a multiple" in message
+    assert "'storage'" not in message
+
+
+def test_missing_data_dir_named_with_fix(tmp_path, monkeypatch):
+    from deepspec.pipeline import resolve_data_dir
+
+    monkeypatch.delenv("DEEPSPEC_DATA_DIR", raising=False)
+    config = validate_config({"data": {"data_dir": str(tmp_path / "nope"), "sources": [{"name": "gsm8k"}]}})
+    with pytest.raises(ConfigError, match=r"data.data_dir=.*nope' is not a directory"):
+        resolve_data_dir(config)
+    monkeypatch.setenv("DEEPSPEC_DATA_DIR", str(tmp_path / "also-missing"))
+    with pytest.raises(ConfigError, match="DEEPSPEC_DATA_DIR=.*is not a directory"):
+        resolve_data_dir(validate_config(MINIMAL))
