@@ -163,12 +163,14 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig) -> int:
 def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | None = None) -> int:
     """Run the stages in order; a stage whose manifest exists is skipped."""
     timings: dict[str, float] = {}
+    skipped: set[str] = set()
     for stage in STAGES:
         output = stage_output(config, stage)
         started = time.monotonic()
         set_stage(stage)
         if read_manifest(output) is not None:
             logger.info("%s: up to date (%s)", stage, output)
+            skipped.add(stage)
         elif stage in DISTRIBUTED_STAGES and _nproc(config, stage) > 1:
             _run_torchrun(stage, _nproc(config, stage), args)
         else:
@@ -179,8 +181,9 @@ def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | 
             break
     set_stage("run")
     logger.info("stage wall times (s): %s", json.dumps({k: round(v, 1) for k, v in timings.items()}))
+    # A fresh eval logs its report itself; an up-to-date one is shown here.
     report = stage_output(config, "eval") / "report.md"
-    if until in (None, "eval") and report.is_file():
+    if "eval" in skipped and report.is_file():
         print(report.read_text(encoding="utf-8"))
     return 0
 
