@@ -162,6 +162,8 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig) -> int:
 
 def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | None = None) -> int:
     """Run the stages in order; a stage whose manifest exists is skipped."""
+    if read_manifest(stage_output(config, "cache")) is None:
+        check_layer_ids_early(config)
     timings: dict[str, float] = {}
     skipped: set[str] = set()
     for stage in STAGES:
@@ -186,6 +188,16 @@ def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | 
     if "eval" in skipped and report.is_file():
         print(report.read_text(encoding="utf-8"))
     return 0
+
+
+def check_layer_ids_early(config: PipelineConfig) -> None:
+    """Validate ``cache.layer_ids`` against the target's depth before regen spends time on answers."""
+    from transformers import AutoConfig
+
+    from deepspec.targets.loading import num_target_layers, resolve_target, validate_layer_ids
+
+    target_config = AutoConfig.from_pretrained(resolve_target(config), revision=config.target.revision)
+    validate_layer_ids(list(config.cache.layer_ids), num_target_layers(target_config))
 
 
 def _nproc(config: PipelineConfig, stage: str) -> int:

@@ -102,3 +102,11 @@ def test_missing_source_file_exits_with_message(tmp_path):
     assert completed.returncode == 2
     assert "absent.jsonl" in completed.stdout
     assert "Traceback" not in completed.stdout + completed.stderr
+
+
+def test_last_layer_rejected_before_any_stage_runs(tiny_target_dir, tmp_path):
+    config_path, _ = tiny_pipeline_config(tiny_target_dir, tmp_path / "runs", tmp_path, cache={"layer_ids": [0, 2]})
+    completed = deepspec("run", "--config", str(config_path), check=False)
+    assert completed.returncode == 2
+    assert "last layer" in completed.stdout
+    assert not (tmp_path / "runs").exists()
