@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from deepspec.targets.toy import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EVAL = REPO.parent / "shared" / "datasets" / "eval"
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') "
-    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def shared_eval_dir() -> Path:
@@ -28,29 +24,14 @@ def shared_eval_dir() -> Path:
 def build_tiny_target(
     directory: Path, *, vocab_size: int = 320, hidden: int = 32, layers: int = 3, seed: int = 0
 ) -> Path:
-    """Save a randomly initialised Qwen3 and a BPE tokenizer trained on a few benchmark prompts."""
+    """Save a randomly initialised Qwen3 and the toy target's BPE tokenizer trained on a few benchmark prompts."""
     texts = []
     with open(shared_eval_dir() / "gsm8k.jsonl", encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if index == 200:
                 break
             texts.extend(json.loads(line)["turns"])
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        mask_token="<|mask|>",
-        chat_template=CHAT_TEMPLATE,
-    )
+    fast = train_tokenizer(texts, vocab_size, model_max_length=1024)
     fast.save_pretrained(directory)
     torch.manual_seed(seed)
     config = Qwen3Config(
