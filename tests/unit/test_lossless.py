@@ -14,40 +14,17 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 from scipy import stats
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 import deepspec.eval.speculative as speculative
 from deepspec.drafts.base import Proposal
 from deepspec.eval.metrics import acceptance_sums
 from deepspec.eval.speculative import GREEDY_TEMPERATURE, speculative_generate
+from tests.unit.speculative_targets import HIDDEN, LAYER_IDS, VOCAB, build_target
 
-VOCAB = 48
-HIDDEN = 32
-LAYER_IDS = [-1, 0]
 FEATURE_WIDTH = len(LAYER_IDS) * HIDDEN
 # Significance level of the distribution tests: the loop must pass at this level and a broken loop must fail.
 ALPHA = 0.01
-
-
-def build_target(seed: int = 0) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        # Larger output weights make the next-token distributions peaked (a few likely tokens per context).
-        model.lm_head.weight.normal_(0.0, 0.6)
-    return model
 
 
 def one_hot(token: int) -> torch.Tensor:

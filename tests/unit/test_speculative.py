@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from scipy import stats
-from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import DynamicCache, Qwen3ForCausalLM
 
 from deepspec.drafts.base import Proposal
 from deepspec.eval.metrics import acceptance_sums
@@ -21,10 +21,7 @@ from deepspec.eval.speculative import (
     residual_distribution,
     speculative_generate,
 )
-
-VOCAB = 48
-HIDDEN = 32
-LAYER_IDS = [-1, 0]
+from tests.unit.speculative_targets import HIDDEN, LAYER_IDS, VOCAB, build_target
 
 
 def rows(*values: list[float]) -> torch.Tensor:
@@ -155,27 +152,6 @@ def test_context_features_reject_last_layer() -> None:
 
 
 # The loop on a tiny random target with scripted drafts.
-
-
-def build_target(seed: int = 0) -> Qwen3ForCausalLM:
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config).eval()
-    with torch.no_grad():
-        # Larger output weights give clear greedy choices, far from float-rounding ties.
-        model.lm_head.weight.normal_(0.0, 0.6)
-    return model
 
 
 class ScriptedDrafter:
