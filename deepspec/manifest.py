@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 
 
 class StageError(RuntimeError):
-    """A stage stopped for a reason the user can fix; the message says what to change."""
+    """A stage stopped for a reason the user can fix. The message names what to change."""
 
 
 class StageInputError(StageError):

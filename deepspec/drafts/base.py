@@ -1,4 +1,4 @@
-"""What every draft hands to the speculative-decoding loop."""
+"""The interface between a draft and the speculative-decoding loop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Training checkpoints: ``checkpoints/step_<n>/`` plus a ``latest.json`` pointer written last.
 
-Each checkpoint holds the draft in Hugging Face layout (``draft/``: config.json
+Each checkpoint contains the draft in Hugging Face layout (``draft/``: config.json
 and safetensors), the optimizer state (``optimizer.pt``, tensors and plain
 values only, loaded with ``weights_only=True``) and ``state.json``. A
 checkpoint directory is built under a temporary name and renamed into place, so

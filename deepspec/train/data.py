@@ -1,4 +1,4 @@
-"""Which cached samples each rank reads at each optimizer step.
+"""The assignment of cached samples to ranks and micro-batches at each optimizer step.
 
 The sample stream is defined globally: epoch ``e`` is a permutation of the
 cache seeded by ``train.seed + e``, truncated to whole global batches, and the

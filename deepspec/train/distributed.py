@@ -49,7 +49,9 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         torch.cuda.set_device(device)
     chosen = None
     if world_size > 1:
-        chosen = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
+        chosen = backend
+        if backend == "auto":
+            chosen = "nccl" if use_cuda else "gloo"
         if chosen == "nccl" and not use_cuda:
             raise ValueError("train.backend=nccl needs CUDA devices; use train.backend=gloo (or auto) on CPU")
         if not dist.is_initialized():

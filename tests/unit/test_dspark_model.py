@@ -435,15 +435,22 @@ def test_dflash_draft_has_no_heads():
 
 def test_draft_kwargs_from_config_for_both_algorithms():
     dspark = draft_kwargs_from_config(DraftConfig(mask_token_id=7), layer_ids=[0, 2], seed=4)
-    assert dspark["markov_rank"] == 32 and dspark["markov_head_type"] == "vanilla"
-    assert dspark["enable_confidence_head"] is True and dspark["confidence_head_with_markov"] is True
-    assert dspark["mask_token_id"] == 7 and dspark["seed"] == 4 and dspark["layer_ids"] == [0, 2]
+    assert dspark["markov_rank"] == 32
+    assert dspark["markov_head_type"] == "vanilla"
+    assert dspark["enable_confidence_head"] is True
+    assert dspark["confidence_head_with_markov"] is True
+    assert dspark["mask_token_id"] == 7
+    assert dspark["seed"] == 4
+    assert dspark["layer_ids"] == [0, 2]
     dflash = draft_kwargs_from_config(DraftConfig(algorithm="dflash"), layer_ids=[1], mask_token_id=9)
-    assert dflash["markov_rank"] == 0 and dflash["markov_head_type"] is None
-    assert dflash["enable_confidence_head"] is False and dflash["confidence_head_with_markov"] is None
+    assert dflash["markov_rank"] == 0
+    assert dflash["markov_head_type"] is None
+    assert dflash["enable_confidence_head"] is False
+    assert dflash["confidence_head_with_markov"] is None
     assert dflash["mask_token_id"] == 9
     draft = build_draft(tiny_target(), **dflash)
-    assert draft.markov_head is None and draft.confidence_head is None
+    assert draft.markov_head is None
+    assert draft.confidence_head is None
 
 
 def test_draft_kwargs_from_config_rejects_conflicts():
@@ -458,4 +465,6 @@ def test_config_subclass_loads_plain_qwen3_fields():
         vocab_size=VOCAB, hidden_size=HIDDEN, num_target_layers=4, target_layer_ids=[0], mask_token_id=1
     )
     assert config.model_type == "qwen3"
-    assert config.block_size == 7 and config.num_anchors == 512 and config.markov_rank == 0
+    assert config.block_size == 7
+    assert config.num_anchors == 512
+    assert config.markov_rank == 0
