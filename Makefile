@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e '.[test]'
+	bash scripts/install-helm.sh $(BIN)
 	touch $@
 
 demo: install
