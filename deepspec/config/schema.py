@@ -118,13 +118,19 @@ class CacheConfig(StrictModel):
 ALGORITHM_DEFAULTS: dict[str, dict[str, float | int]] = {
     "dspark": {"markov_rank": 32, "confidence_head_alpha": 1.0, "ce_loss_alpha": 0.1, "l1_loss_alpha": 0.9},
     "dflash": {"markov_rank": 0, "confidence_head_alpha": 0.0, "ce_loss_alpha": 1.0, "l1_loss_alpha": 0.0},
+    "eagle3": {"markov_rank": 0, "confidence_head_alpha": 0.0, "ce_loss_alpha": 1.0, "l1_loss_alpha": 0.0},
 }
 
 
 class DraftConfig(StrictModel):
-    """The draft architecture and its loss; DFlash is DSpark without the sequential and confidence heads."""
+    """The draft architecture and its loss.
 
-    algorithm: Literal["dspark", "dflash"] = "dspark"
+    DFlash is DSpark without the sequential and confidence heads. Eagle3 reads
+    ``num_layers``, ``ttt_length`` and ``step_loss_decay``; the block, anchor,
+    head and loss-weight settings belong to DSpark and DFlash.
+    """
+
+    algorithm: Literal["dspark", "dflash", "eagle3"] = "dspark"
     num_layers: int = Field(1, ge=1)
     block_size: int = Field(4, ge=2)
     num_anchors: int = Field(64, ge=1, description="blocks sampled per sequence in training")
@@ -136,6 +142,8 @@ class DraftConfig(StrictModel):
     l1_loss_alpha: float = Field(0.9, ge=0, description="dflash default 0.0")
     loss_decay_gamma: float | None = Field(4.0, description="position weight exp(-k/gamma); null or <= 0 disables")
     mask_token_id: int | None = Field(None, ge=0, description="defaults to the tokenizer's mask token")
+    ttt_length: int = Field(7, ge=1, description="eagle3: training-time-test steps, and tokens drafted per round")
+    step_loss_decay: float = Field(0.8, gt=0, le=1, description="eagle3: loss weight of TTT step k is decay**k")
 
     @model_validator(mode="before")
     @classmethod
@@ -146,12 +154,12 @@ class DraftConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
-    def _dflash_has_no_heads(self) -> DraftConfig:
-        if self.algorithm == "dflash" and (self.markov_rank > 0 or self.confidence_head_alpha > 0):
+    def _heads_only_for_dspark(self) -> DraftConfig:
+        if self.algorithm in ("dflash", "eagle3") and (self.markov_rank > 0 or self.confidence_head_alpha > 0):
             raise ValueError(
-                f"draft.algorithm is dflash but markov_rank={self.markov_rank} and "
-                f"confidence_head_alpha={self.confidence_head_alpha}; DFlash has neither head: set both to 0 "
-                "or use algorithm dspark"
+                f"draft.algorithm is {self.algorithm} but markov_rank={self.markov_rank} and "
+                f"confidence_head_alpha={self.confidence_head_alpha}; {self.algorithm} has neither head: set "
+                "both to 0 or use algorithm dspark"
             )
         return self
 

@@ -112,7 +112,7 @@ def test_dflash_defaults_turn_heads_off():
 
 
 def test_dflash_with_markov_head_rejected():
-    with pytest.raises(ConfigError, match="DFlash has neither head"):
+    with pytest.raises(ConfigError, match="dflash has neither head"):
         validate_config({**MINIMAL, "draft": {"algorithm": "dflash", "markov_rank": 8}})
 
 
