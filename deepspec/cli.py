@@ -25,9 +25,10 @@ from pathlib import Path
 
 from deepspec.config import ConfigError, PipelineConfig, load_config
 from deepspec.logs import set_stage, setup_logging
-from deepspec.manifest import MANIFEST_NAME, StageError, StageInputError, read_manifest
-from deepspec.pipeline import STAGES, stage_output
+from deepspec.manifest import MANIFEST_NAME, StageError, StageInputError
+from deepspec.pipeline import STAGES, UPSTREAM, stage_fingerprints
 from deepspec.runtime import configure_runtime
+from deepspec.storage import StageSync, Storage, localize, open_storage
 
 logger = logging.getLogger("deepspec.cli")
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.command)
     try:
         config = load_config(args.config, args.overrides)
-        return _dispatch(args, config)
+        storage = open_storage(config)
+        return _dispatch(args, config, storage)
     except (ConfigError, StageInputError) as error:
         logger.error("%s", error)
         return 2
@@ -131,22 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, config: PipelineConfig) -> int:
+def _dispatch(args: argparse.Namespace, config: PipelineConfig, storage: Storage) -> int:
     command = args.command
     if command == "cache" and args.finalize:
         from deepspec.cache.stage import finalize_cache
 
-        finalize_cache(config)
+        with stage_sync(config, storage, "cache"):
+            finalize_cache(localize(config, storage))
         return 0
     if command in STAGES:
-        _stage_runner(command)(config)
+        run_stage(config, storage, command)
         return 0
     if command == "run":
-        return run_pipeline(config, args, until=args.until)
+        return run_pipeline(config, args, storage, until=args.until)
     if command == "wait":
-        return wait_for_stage(config, args.stage, args.timeout, args.interval)
+        return wait_for_stage(config, storage, args.stage, args.timeout, args.interval)
     if command == "status":
-        print(format_status(config))
+        print(format_status(config, storage))
         return 0
     if command == "toy-target":
         from deepspec.targets.loading import resolve_target
@@ -160,31 +163,65 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig) -> int:
     raise ValueError(f"unknown command {command!r}")
 
 
-def run_pipeline(config: PipelineConfig, args: argparse.Namespace, until: str | None = None) -> int:
+def stage_sync(config: PipelineConfig, storage: Storage, stage: str) -> StageSync:
+    """Mirror an S3-backed stage's inputs and publish its output; a no-op for local roots."""
+    publisher = os.environ.get("RANK", "0") in ("", "0")
+    if storage.is_remote and stage == "cache":
+        world, local_world = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE")
+        if local_world is not None and world != local_world:
+            raise ConfigError(
+                f"storage.root={config.storage.root!r} is on S3 but the cache stage spans several nodes "
+                f"(WORLD_SIZE={world}, LOCAL_WORLD_SIZE={local_world}); build the cache on one node, or use a "
+                "shared ReadWriteMany volume as storage.root"
+            )
+    return StageSync(
+        storage,
+        stage,
+        stage_fingerprints(config),
+        UPSTREAM[stage],
+        interval_s=config.storage.sync_interval_s,
+        publisher=publisher,
+    )
+
+
+def run_stage(config: PipelineConfig, storage: Storage, stage: str) -> None:
+    """Run one stage in this process, through the S3 mirror when the root is remote."""
+    if storage.is_remote and storage.has_manifest(stage, stage_fingerprints(config)[stage]):
+        logger.info("%s: up to date (%s)", stage, storage.uri(stage, stage_fingerprints(config)[stage]))
+        return
+    with stage_sync(config, storage, stage):
+        _stage_runner(stage)(localize(config, storage))
+
+
+def run_pipeline(
+    config: PipelineConfig, args: argparse.Namespace, storage: Storage, until: str | None = None
+) -> int:
     """Run the stages in order; a stage whose manifest exists is skipped."""
-    if read_manifest(stage_output(config, "cache")) is None:
+    fingerprints = stage_fingerprints(config)
+    if not storage.has_manifest("cache", fingerprints["cache"]):
         check_layer_ids_early(config)
     timings: dict[str, float] = {}
     skipped: set[str] = set()
     for stage in STAGES:
-        output = stage_output(config, stage)
         started = time.monotonic()
         set_stage(stage)
-        if read_manifest(output) is not None:
-            logger.info("%s: up to date (%s)", stage, output)
+        if storage.has_manifest(stage, fingerprints[stage]):
+            logger.info("%s: up to date (%s)", stage, storage.uri(stage, fingerprints[stage]))
             skipped.add(stage)
         elif stage in DISTRIBUTED_STAGES and _nproc(config, stage) > 1:
             _run_torchrun(stage, _nproc(config, stage), args)
         else:
             logger.info("%s: running", stage)
-            _stage_runner(stage)(config)
+            run_stage(config, storage, stage)
         timings[stage] = time.monotonic() - started
         if stage == until:
             break
     set_stage("run")
     logger.info("stage wall times (s): %s", json.dumps({k: round(v, 1) for k, v in timings.items()}))
     # A fresh eval logs its report itself; an up-to-date one is shown here.
-    report = stage_output(config, "eval") / "report.md"
+    if "eval" in skipped:
+        storage.pull("eval", fingerprints["eval"])
+    report = storage.local_dir("eval", fingerprints["eval"]) / "report.md"
     if "eval" in skipped and report.is_file():
         print(report.read_text(encoding="utf-8"))
     return 0
@@ -220,30 +257,32 @@ def _run_torchrun(stage: str, nproc: int, args: argparse.Namespace) -> None:
         raise SystemExit(f"{stage} failed under torchrun with exit code {completed.returncode}; see the log above")
 
 
-def wait_for_stage(config: PipelineConfig, stage: str, timeout: float, interval: float) -> int:
-    output = stage_output(config, stage)
+def wait_for_stage(config: PipelineConfig, storage: Storage, stage: str, timeout: float, interval: float) -> int:
+    stage_fingerprint = stage_fingerprints(config)[stage]
+    where = f"{storage.uri(stage, stage_fingerprint)}/{MANIFEST_NAME}"
     deadline = time.monotonic() + timeout if timeout > 0 else None
-    logger.info("waiting for %s", output / MANIFEST_NAME)
-    while read_manifest(output) is None:
+    logger.info("waiting for %s", where)
+    while not storage.has_manifest(stage, stage_fingerprint):
         if deadline is None:
             time.sleep(interval)
             continue
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            logger.error("timed out after %.0f s waiting for %s", timeout, output / MANIFEST_NAME)
+            logger.error("timed out after %.0f s waiting for %s", timeout, where)
             return 1
         time.sleep(min(interval, remaining))
     logger.info("%s is done", stage)
     return 0
 
 
-def format_status(config: PipelineConfig) -> str:
+def format_status(config: PipelineConfig, storage: Storage) -> str:
     lines = [f"{'stage':<8} {'state':<8} output"]
+    fingerprints = stage_fingerprints(config)
     for stage in STAGES:
-        output = stage_output(config, stage)
-        if read_manifest(output) is not None:
+        output = storage.uri(stage, fingerprints[stage])
+        if storage.has_manifest(stage, fingerprints[stage]):
             state = "done"
-        elif output.exists():
+        elif storage.has_anything(stage, fingerprints[stage]):
             # Started but unpublished: still running, or failed or killed (the next run resumes it).
             state = "started"
         else:

@@ -89,9 +89,8 @@ RECORDS_NAME = "records.jsonl"
 # NOTE: a rank that needs longer than this after the first one finished makes the barrier time out.
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
-# NOTE: the output goes to a local or mounted folder (storage.root); s3:// roots are not supported yet.
-# On S3, each finished unit would become three objects (shard, rejects, then index) and finalize would
-# list the index objects. That needs a storage interface with atomic puts and listing.
+# NOTE: with an s3:// storage.root the stage writes into a local mirror that deepspec.storage uploads;
+# a multi-node build therefore needs a shared folder (see deepspec.storage).
 
 
 @dataclass(frozen=True)

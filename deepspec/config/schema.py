@@ -79,8 +79,34 @@ class DataConfig(StrictModel):
     min_kept_fraction: float = Field(0.5, ge=0, le=1, description="the stage fails when fewer records survive")
 
 
+class OpenAIRegenConfig(StrictModel):
+    """Connection to OpenAI-compatible servers (vLLM, SGLang) for ``regen.backend: openai``.
+
+    Only ``model`` changes the stage fingerprint; the other keys say where and how to reach the servers.
+    """
+
+    endpoints: list[str] = Field(
+        [], description="base URLs such as http://127.0.0.1:8000/v1; requests are spread over all of them"
+    )
+    api_key_env: str | None = Field(
+        None, description="name of the environment variable that holds the API key (never the key itself)"
+    )
+    model: str | None = Field(None, description="model name sent in each request; defaults to target.name_or_path")
+    max_in_flight_per_endpoint: int = Field(64, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(600.0, gt=0)
+    ready_timeout_s: float = Field(900.0, ge=0, description="how long to wait for the servers to become ready")
+    max_retries: int = Field(5, ge=0, description="retries of one request after a transient error")
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    max_consecutive_failures: int = Field(
+        50, ge=1, description="the run stops (and can be resumed) after this many failed requests in a row"
+    )
+
+
 class RegenConfig(StrictModel):
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "openai"] = "local"
+    openai: OpenAIRegenConfig = OpenAIRegenConfig()
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(128, ge=1, description="generation limit per assistant turn")
     temperature: float = Field(0.0, ge=0, description="0 means greedy")
@@ -93,6 +119,33 @@ class RegenConfig(StrictModel):
     keep_truncated: bool = Field(False, description="keep answers that hit max_new_tokens")
     min_kept_fraction: float = Field(0.2, ge=0, le=1)
     seed: int = 0
+    min_p: float = Field(0.0, ge=0, le=1, description="openai backend only; 0 disables the min-p filter")
+    enable_thinking: bool | None = Field(
+        None,
+        description="openai backend only: sent as chat_template_kwargs.enable_thinking; null sends nothing",
+    )
+    system_prompt_policy: Literal["keep", "fold_into_first_user", "skip"] = Field(
+        "keep",
+        description=(
+            "what to do with a system turn when the target's chat template rejects one: keep (fail), "
+            "fold_into_first_user (prepend it to the first user turn) or skip (drop it); regen, cache and eval "
+            "render conversations with the same policy"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _backend_settings(self) -> RegenConfig:
+        if self.backend == "openai" and not self.openai.endpoints:
+            raise ValueError(
+                "regen.backend is openai but regen.openai.endpoints is empty; list the server base URLs, "
+                "e.g. regen.openai.endpoints: [http://127.0.0.1:8000/v1]"
+            )
+        if self.backend == "local" and (self.min_p > 0 or self.enable_thinking is not None):
+            raise ValueError(
+                f"regen.min_p={self.min_p} and regen.enable_thinking={self.enable_thinking} apply only to "
+                "regen.backend openai; set regen.backend: openai or leave both at their defaults (0 and null)"
+            )
+        return self
 
 
 class CacheConfig(StrictModel):
@@ -194,7 +247,19 @@ class EvalConfig(StrictModel):
 
 
 class StorageConfig(StrictModel):
-    root: str = Field("runs", description="local or mounted folder that holds every stage output")
+    root: str = Field(
+        "runs", description="local or mounted folder, or s3://bucket/prefix, that holds every stage output"
+    )
+    staging_dir: str | None = Field(
+        None, description="local mirror of an s3:// root; defaults to $DEEPSPEC_STAGING_DIR, else ~/.cache/deepspec"
+    )
+    sync_interval_s: float = Field(300.0, ge=0, description="seconds between progress uploads to S3; 0 only at the end")
+
+    @model_validator(mode="after")
+    def _s3_root_has_bucket(self) -> StorageConfig:
+        if self.root.startswith("s3://") and not self.root[len("s3://") :].split("/")[0]:
+            raise ValueError(f"storage.root={self.root!r} names no bucket; write it as s3://<bucket>/<prefix>")
+        return self
 
 
 class PipelineConfig(StrictModel):
