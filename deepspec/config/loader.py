@@ -35,6 +35,23 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None = None) -> PipelineConfig:
     """Read a YAML config (never executed), apply ``key.path=value`` overrides, and validate it."""
     config_path = resolve_config_path(path)
+    raw = read_config_mapping(config_path)
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(config_path))
+
+
+def read_config_mapping(config_path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file as a mapping, with ``extends: <file>`` merged in beneath it.
+
+    ``extends`` names another config file, relative to this one. Its mappings
+    are merged key by key, and every other value (lists included) is replaced
+    by this file's value.
+    """
+    resolved = config_path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(path) for path in (*chain, resolved))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}; remove one of the extends keys")
     try:
         raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -42,10 +59,30 @@ def load_config(path: str | os.PathLike[str] | None, overrides: list[str] | None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(config_path)!r} must hold a mapping at the top level")
-    for override in overrides or []:
-        apply_override(raw, override)
-    return validate_config(raw, source=str(config_path))
+        raise ConfigError(f"config file {str(config_path)!r} must contain a mapping at the top level")
+    base_name = raw.pop("extends", None)
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"extends={base_name!r} in {str(config_path)!r} must be the path of another config file")
+    base_path = config_path.parent / base_name
+    if not base_path.is_file():
+        raise ConfigError(
+            f"extends={base_name!r} in {str(config_path)!r}: {str(base_path)!r} not found; paths are relative to "
+            "the extending file"
+        )
+    return merge_config_mappings(read_config_mapping(base_path, (*chain, resolved)), raw)
+
+
+def merge_config_mappings(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated by ``override``: nested mappings merge, every other value is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config_mappings(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:

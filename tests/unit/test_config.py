@@ -139,3 +139,31 @@ def test_missing_data_dir_named_with_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPSPEC_DATA_DIR", str(tmp_path / "also-missing"))
     with pytest.raises(ConfigError, match="DEEPSPEC_DATA_DIR=.*is not a directory"):
         resolve_data_dir(validate_config(MINIMAL))
+
+
+def test_extends_merges_sections(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "data:\n  sources: [{name: a}, {name: b}]\ndraft:\n  num_layers: 3\n  block_size: 5\n", encoding="utf-8"
+    )
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ndata:\n  sources: [{name: c}]\ndraft:\n  algorithm: dflash\n", "utf-8")
+    config = load_config(child)
+    assert [source.name for source in config.data.sources] == ["c"]
+    assert config.draft.algorithm == "dflash"
+    assert config.draft.num_layers == 3
+    assert config.draft.block_size == 5
+    assert config.draft.markov_rank == 0
+
+
+def test_extends_cycle_rejected(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_extends_missing_file_named(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: nowhere.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(child)
