@@ -92,11 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     add("prompts", "read prompt sources, normalise, split train / held-out")
-    add("regen", "regenerate assistant answers with the target")
+    regen = add("regen", "regenerate assistant answers with the target")
+    regen.add_argument("--finalize", action="store_true", help="only merge the finished shards into the output")
+    regen.add_argument(
+        "--shard-index", type=int, help="this process's shard (default: $JOB_COMPLETION_INDEX, else 0)"
+    )
+    regen.add_argument("--num-shards", type=int, help="how many shards the train records are split into (default 1)")
+    serve = add("serve-target", "print (or with --launch, run) the vLLM or SGLang command that serves the target")
+    serve.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
+    serve.add_argument("--launch", action="store_true", help="replace this process with the server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other pods)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one server spans")
+    serve.add_argument("--max-model-len", type=int, help="context length the server allocates for")
     cache = add("cache", "capture target hidden states into the cache (run under torchrun for several ranks)")
     cache.add_argument("--finalize", action="store_true", help="only merge finished units into the final cache")
     add("train", "train the draft on the cache (run under torchrun for DDP)")
-    add("eval", "speculative decoding on held-out prompts; report accepted length per benchmark")
+    evaluate = add("eval", "speculative decoding on held-out prompts; report accepted length per benchmark")
+    evaluate.add_argument(
+        "--draft",
+        metavar="DIR",
+        help="evaluate this draft checkpoint directory (config.json + safetensors) instead of the train stage's "
+        "draft; the same as --set eval.draft=DIR",
+    )
     run = add("run", "run every stage in order, skipping stages whose output is current")
     run.add_argument("--until", choices=STAGES, help="stop after this stage")
     wait = add("wait", "block until a stage's output for this config exists")
@@ -104,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--timeout", type=_non_negative, default=0, help="seconds to wait; 0 waits forever")
     wait.add_argument("--interval", type=_positive, default=10, help="seconds between checks")
     add("status", "show which stages are done, running or waiting for this config")
+    compare = commands.add_parser(
+        "compare",
+        help="print the tau of several finished configs side by side",
+        description="print the tau of several finished configs side by side: a row per draft, a column per benchmark",
+    )
+    compare.add_argument("configs", nargs="+", metavar="CONFIG", help="pipeline YAML files whose eval stage is done")
+    compare.add_argument(
+        "--which", default="trained", choices=("trained", "untrained"), help="compare the trained or untrained drafts"
+    )
     add("toy-target", "build (or find in the cache) the toy target and print its directory and metrics")
     return parser
 
@@ -113,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_runtime()
     setup_logging(args.command)
     try:
-        config = load_config(args.config, args.overrides)
+        if args.command == "compare":
+            from deepspec.eval.compare import load_rows, render_comparison
+
+            print(render_comparison(load_rows(args.configs), args.which))
+            return 0
+        overrides = list(args.overrides)
+        if getattr(args, "draft", None):
+            overrides.append(f"eval.draft={args.draft}")
+        config = load_config(args.config, overrides)
         storage = open_storage(config)
         return _dispatch(args, config, storage)
     except (ConfigError, StageInputError) as error:
@@ -141,6 +176,10 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig, storage: Storage
         with stage_sync(config, storage, "cache"):
             finalize_cache(localize(config, storage))
         return 0
+    if command == "regen" and (args.finalize or args.shard_index is not None or args.num_shards is not None):
+        return _regen_sharded(args, config, storage)
+    if command == "serve-target":
+        return _serve_target(args, config)
     if command in STAGES:
         run_stage(config, storage, command)
         return 0
@@ -161,6 +200,30 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig, storage: Storage
             print(info_path.read_text(encoding="utf-8"))
         return 0
     raise ValueError(f"unknown command {command!r}")
+
+
+def _regen_sharded(args: argparse.Namespace, config: PipelineConfig, storage: Storage) -> int:
+    from deepspec.regen.shards import ShardSpec
+    from deepspec.regen.stage import finalize_regen, run_regen
+
+    with stage_sync(config, storage, "regen"):
+        if args.finalize:
+            finalize_regen(localize(config, storage))
+        else:
+            run_regen(localize(config, storage), ShardSpec.resolve(args.shard_index, args.num_shards))
+    return 0
+
+
+def _serve_target(args: argparse.Namespace, config: PipelineConfig) -> int:
+    from deepspec.regen.serve import ServeOptions, format_command, launch, serve_command
+    from deepspec.targets.loading import resolve_target
+
+    options = ServeOptions(args.engine, args.host, args.port, args.tensor_parallel_size, args.max_model_len)
+    command = serve_command(config, resolve_target(config), options)
+    print(format_command(command), flush=True)
+    if args.launch:
+        launch(command)
+    return 0
 
 
 def stage_sync(config: PipelineConfig, storage: Storage, stage: str) -> StageSync:

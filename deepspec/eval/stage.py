@@ -6,7 +6,10 @@ Usage::
     python -m deepspec.eval.stage --config configs/demo.yaml
 
 Inputs: ``heldout.jsonl`` of the prompts stage and ``draft/`` of the train
-stage. Output, under ``<storage.root>/eval/<fingerprint>/``:
+stage, or instead of the latter the draft checkpoint directory named by
+``eval.draft`` (``deepspec eval --draft DIR``), whose settings come from its
+own ``config.json``. The report names the evaluated draft. Output, under
+``<storage.root>/eval/<fingerprint>/``:
 
 - ``report.json``: every metric per draft, temperature and benchmark;
 - ``report.md``: the tau table and the per-position acceptance table;
@@ -42,7 +45,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from deepspec.config import ConfigError, PipelineConfig, load_config
 from deepspec.data.chat import render_prompt_ids
 from deepspec.data.stage import read_records
-from deepspec.drafts.checkpoint import check_draft_matches_target, load_draft
+from deepspec.drafts.checkpoint import check_draft_matches_target, external_draft_identity, load_draft
 from deepspec.drafts.dspark import build_draft
 from deepspec.drafts.dspark_drafter import DSparkDrafter
 from deepspec.eval.metrics import AcceptanceSums
@@ -61,7 +64,7 @@ from deepspec.manifest import (
     write_manifest,
     write_resolved_config,
 )
-from deepspec.pipeline import stage_fingerprints, stage_inputs, stage_output, stage_settings
+from deepspec.pipeline import stage_fingerprints, stage_inputs, stage_output, stage_settings, upstream_stages
 from deepspec.runtime import configure_runtime
 from deepspec.targets.loading import end_token_ids, load_target, load_tokenizer
 
@@ -160,11 +163,42 @@ def check_draft(draft: PreTrainedModel, target: PreTrainedModel, source: str) ->
     try:
         check_draft_matches_target(draft.config, target.config)
     except ValueError as error:
-        raise StageInputError(
-            f"{source}: {error}. Train the draft against this target, or set target.name_or_path to the "
-            "target it was trained for"
-        ) from error
+        raise StageInputError(f"{source}: {error}") from error
     return list(draft.config.target_layer_ids)
+
+
+def resolve_draft_dir(config: PipelineConfig) -> Path:
+    """Return ``eval.draft`` when set, else the train stage's ``draft/`` directory."""
+    if config.eval.draft is not None:
+        draft_dir = Path(config.eval.draft).expanduser()
+        if not (draft_dir / "config.json").is_file():
+            raise StageInputError(
+                f"eval.draft={config.eval.draft!r} has no config.json; point it at a draft checkpoint directory "
+                "(config.json plus model.safetensors or model.safetensors.index.json)"
+            )
+        return draft_dir
+    draft_dir = stage_output(config, "train") / "draft"
+    if not (draft_dir / "config.json").is_file():
+        raise StageInputError(f"the train output has no draft at {draft_dir}; run `deepspec train` again")
+    return draft_dir
+
+
+def describe_draft(config: PipelineConfig, draft_dir: Path) -> dict[str, str]:
+    """Return where the evaluated draft comes from, its path, architecture and content hash."""
+    identity = external_draft_identity(draft_dir)
+    source = "eval.draft" if config.eval.draft is not None else "train stage"
+    return {"source": source, "path": str(draft_dir.resolve()), **identity}
+
+
+def draft_heading(report: dict[str, Any]) -> str:
+    """Return the Markdown line that names the evaluated draft, or nothing for a report without one."""
+    draft = report.get("draft")
+    if not draft:
+        return ""
+    return (
+        f"Draft `{draft['path']}` ({draft['architecture']}, from the {draft['source']}, "
+        f"sha256 {draft['sha256'][:16]})\n\n"
+    )
 
 
 def build_untrained(trained: PreTrainedModel, target: PreTrainedModel, seed: int) -> PreTrainedModel:
@@ -207,6 +241,12 @@ def _sample_line(
         "finish_reason": result.finish_reason,
         "text": tokenizer.decode(result.tokens, skip_special_tokens=False),
     }
+    if any(record.confidence_logits is not None for record in result.rounds):
+        # Per round: drafts proposed, drafts accepted, and the confidence head's logit for each proposed slot.
+        row["confidence_rounds"] = [
+            {"proposed": record.proposal_length, "accepted": record.accepted, "logits": record.confidence_logits}
+            for record in result.rounds
+        ]
     return json.dumps(row, ensure_ascii=False)
 
 
@@ -216,11 +256,17 @@ def run_eval(config: PipelineConfig) -> Path:
         logger.info("up to date: %s", output)
         return output
     fingerprints = stage_fingerprints(config)
-    for upstream in ("prompts", "train"):
+    for upstream in upstream_stages(config, STAGE):
         require_upstream(config.storage.root, upstream, fingerprints[upstream], stage_settings(config, upstream))
-    draft_dir = stage_output(config, "train") / "draft"
-    if not (draft_dir / "config.json").is_file():
-        raise StageInputError(f"the train output has no draft at {draft_dir}; run `deepspec train` again")
+    draft_dir = resolve_draft_dir(config)
+    draft_info = describe_draft(config, draft_dir)
+    logger.info(
+        "evaluating the %s draft %s (%s, sha256 %s)",
+        draft_info["source"],
+        draft_dir,
+        draft_info["architecture"],
+        draft_info["sha256"][:16],
+    )
     heldout = read_records(stage_output(config, "prompts") / "heldout.jsonl")
     benchmarks = resolve_benchmarks(config, heldout)
     selected = select_records(heldout, benchmarks, config.eval.max_prompts_per_benchmark)
@@ -234,7 +280,7 @@ def run_eval(config: PipelineConfig) -> Path:
     end_tokens = end_token_ids(target, tokenizer)
     # The draft runs in the target's dtype because it consumes the target's hidden states directly.
     drafts: dict[str, PreTrainedModel] = {TRAINED: load_draft(draft_dir, device=device, dtype=target.dtype)}
-    layer_ids = check_draft(drafts[TRAINED], target, f"trained draft {draft_dir}")
+    layer_ids = check_draft(drafts[TRAINED], target, f"draft {draft_dir}")
     if config.eval.compare_untrained:
         drafts[UNTRAINED] = build_untrained(drafts[TRAINED], target, config.eval.seed)
         check_draft(drafts[UNTRAINED], target, "untrained draft")
@@ -292,6 +338,7 @@ def run_eval(config: PipelineConfig) -> Path:
     metadata = {
         "target": config.target.name_or_path,
         "draft_dir": str(draft_dir),
+        "draft": draft_info,
         "block_size": block_size,
         "target_layer_ids": layer_ids,
         "max_new_tokens": config.eval.max_new_tokens,
@@ -312,7 +359,7 @@ def _finalize(
     metadata: dict[str, Any],
 ) -> Path:
     report = build_report(results, metadata)
-    markdown = render_markdown(report)
+    markdown = draft_heading(report) + render_markdown(report)
     atomic_write_text(output / "samples.jsonl", "".join(line + "\n" for line in samples))
     atomic_write_json(output / "report.json", report)
     atomic_write_text(output / "report.md", markdown)
@@ -353,11 +400,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override one config key, typed by the schema, e.g. --set eval.max_new_tokens=32 (repeatable)",
     )
+    parser.add_argument(
+        "--draft", metavar="DIR", help="evaluate this draft checkpoint directory; the same as --set eval.draft=DIR"
+    )
     args = parser.parse_args(argv)
     configure_runtime()
     setup_logging(STAGE)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *([f"eval.draft={args.draft}"] if args.draft else [])]
+        config = load_config(args.config, overrides)
         run_eval(config)
     except (ConfigError, StageInputError) as error:
         logger.error("%s", error)

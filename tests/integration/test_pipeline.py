@@ -36,6 +36,13 @@ def test_run_twice_second_run_skips_every_stage(tiny_target_dir, tmp_path):
 
     report = json.loads((stage_output(config, "eval") / "report.json").read_text())
     assert report, "empty report"
+    samples = [json.loads(line) for line in (stage_output(config, "eval") / "samples.jsonl").read_text().splitlines()]
+    assert samples, "no decoded sample"
+    for sample in samples:
+        assert len(sample["confidence_rounds"]) == sample["rounds"]
+        for round_detail in sample["confidence_rounds"]:
+            assert len(round_detail["logits"]) == round_detail["proposed"]
+            assert 0 <= round_detail["accepted"] <= round_detail["proposed"]
 
     manifests = {stage: (stage_output(config, stage) / "_MANIFEST.json").read_bytes() for stage in STAGES}
     second = deepspec("run", "--config", str(config_path))
