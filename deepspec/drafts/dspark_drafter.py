@@ -10,12 +10,13 @@ distribution depends on the token drawn before it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from deepspec.drafts.base import Proposal
-from deepspec.drafts.dspark import Qwen3DSparkModel
+from deepspec.drafts.dspark_backbone import DSparkModelBase
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this draw the argmax
 
@@ -31,7 +32,7 @@ class BlockSample:
 
 
 def sample_block(
-    model: Qwen3DSparkModel,
+    model: DSparkModelBase,
     hidden: torch.Tensor,
     anchor_token: int,
     temperature: float,
@@ -45,7 +46,7 @@ def sample_block(
     path) while every distribution is still computed.
     """
     block_size = hidden.shape[0]
-    base_logits = model.lm_head(hidden)
+    base_logits = model.base_logits(hidden)
     head = model.markov_head
     prev = torch.tensor(anchor_token, dtype=torch.long, device=hidden.device)
     state = head.init_state((), hidden) if head is not None else None
@@ -93,7 +94,7 @@ def proposal_length(confidence_logits: torch.Tensor | None, threshold: float, bl
 class DSparkDrafter:
     """A DSpark / DFlash draft bound to one sequence; see ``deepspec.drafts.base.Drafter``."""
 
-    def __init__(self, model: Qwen3DSparkModel) -> None:
+    def __init__(self, model: DSparkModelBase) -> None:
         self.model = model
         self.block_size = model.config.block_size
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -104,7 +105,7 @@ class DSparkDrafter:
         """Number of committed positions whose target features are cached."""
         return self._cache[0][0].shape[2] if self._cache else 0
 
-    def reset(self) -> None:
+    def reset(self, prompt_ids: Sequence[int] = ()) -> None:
         weight = self.model.fc.weight
         self._cache = []
         for layer in self.model.layers:

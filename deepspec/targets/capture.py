@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspec.targets.loading import decoder_layers, final_norm
+from deepspec.targets.loading import decoder_layers, final_norm, hidden_size
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -87,8 +87,21 @@ def capture_hidden_states(
     missing = [layer_id for layer_id in layer_ids if layer_id not in captured]
     if missing or len(normed) != 1:
         raise RuntimeError(
-            f"the forward pass did not run the hooked modules as expected (layers without output: {missing}, "
-            f"final-norm calls: {len(normed)}); this target architecture needs its own capture rule"
+            f"the forward pass of {type(model).__name__} did not run the hooked modules as expected (layers "
+            f"without output: {missing}, final-norm calls: {len(normed)}); this target architecture needs its "
+            "own capture rule"
         )
+    config = getattr(model, "config", None)
+    if config is not None:
+        width = hidden_size(config)
+        wrong = {
+            layer_id: captured[layer_id].shape[-1] for layer_id in layer_ids if captured[layer_id].shape[-1] != width
+        }
+        if wrong or normed[0].shape[-1] != width:
+            raise RuntimeError(
+                f"captured hidden states of {type(model).__name__} do not have the config's hidden size {width} "
+                f"(layer widths {wrong}, final norm {normed[0].shape[-1]}); this target architecture needs its own "
+                "capture rule"
+            )
     target_hidden = torch.cat([captured[layer_id] for layer_id in layer_ids], dim=-1)
     return target_hidden, normed[0]

@@ -454,7 +454,7 @@ def test_draft_kwargs_from_config_for_both_algorithms():
 
 
 def test_draft_kwargs_from_config_rejects_conflicts():
-    with pytest.raises(ValueError, match="DFlash has neither head"):
+    with pytest.raises(ValueError, match="dflash has neither head"):
         draft_kwargs_from_config(DraftConfig(algorithm="dflash", markov_rank=8), layer_ids=[0], mask_token_id=1)
     with pytest.raises(ValueError, match="draft.mask_token_id"):
         draft_kwargs_from_config(DraftConfig(), layer_ids=[0])

@@ -1,9 +1,11 @@
 """Numerical parity with DeepSpec on the reference fixtures (float32, CPU).
 
 Every case folder under ``$DEEPSPEC_PARITY_DIR`` (default: ``shared/fixtures/parity``
-beside the repository) whose draft is a Qwen3 DSpark/DFlash model is checked:
-training forward, loss, components, metrics, gradients, drafting with a KV
-cache, and the checkpoint layout. Finding no such case fails.
+beside the repository) whose draft is a DSpark/DFlash model (Qwen3 or Gemma4
+target) is checked: training forward, loss, components, metrics, gradients,
+drafting with a KV cache, and the checkpoint layout. Eagle3 cases are checked
+by ``test_parity_eagle3.py``; a case of any other architecture fails the
+listing test, and finding no DSpark/DFlash case fails.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+from transformers.models.gemma4 import Gemma4Config, Gemma4ForConditionalGeneration
 
 from deepspec.drafts.checkpoint import draft_config_dict, load_draft, save_draft
-from deepspec.drafts.dspark import ARCHITECTURE, DSparkConfig, DSparkForwardOutput, Qwen3DSparkModel, build_draft
+from deepspec.drafts.dspark import ARCHITECTURE, DSparkConfig, Qwen3DSparkModel, build_draft
+from deepspec.drafts.dspark_backbone import DSparkForwardOutput, DSparkModelBase
 from deepspec.drafts.dspark_drafter import DSparkDrafter, proposal_length, sample_block
+from deepspec.drafts.dspark_gemma4 import GEMMA4_ARCHITECTURE, Gemma4DSparkConfig, Gemma4DSparkModel
 from deepspec.drafts.losses import DSparkLossOutput, dspark_loss
 
 DEFAULT_PARITY_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "parity"
@@ -36,8 +40,13 @@ GRAD_NORM_REL_TOL = 1e-4
 GRAD_TOL = 1e-4  # max |delta| <= GRAD_TOL * max |g_ref| per tensor
 TENSOR_ABS_TOL = 1e-4  # logits, probabilities, hidden states, confidence logits
 
-# Fixture architectures implemented elsewhere later; anything else unsupported fails the listing test.
-NOT_YET_SUPPORTED = {"Qwen3Eagle3Model", "Gemma4Eagle3Model", "Gemma4DSparkModel"}
+# The DSpark/DFlash architectures checked here, by (architecture, draft model_type).
+MODEL_CLASSES: dict[tuple[str, str], tuple[type[PreTrainedModel], type[DSparkModelBase]]] = {
+    (ARCHITECTURE, "qwen3"): (DSparkConfig, Qwen3DSparkModel),
+    (GEMMA4_ARCHITECTURE, "gemma4_text"): (Gemma4DSparkConfig, Gemma4DSparkModel),
+}
+# Architectures whose cases another test file checks.
+CHECKED_ELSEWHERE_SUFFIX = "Eagle3Model"
 
 
 def case_architecture(folder: Path) -> tuple[str, str]:
@@ -52,7 +61,7 @@ def discover_cases() -> tuple[list[str], dict[str, str]]:
         return supported, unsupported
     for folder in sorted(path for path in PARITY_DIR.iterdir() if (path / "draft_config.json").is_file()):
         architecture, model_type = case_architecture(folder)
-        if architecture == ARCHITECTURE and model_type == "qwen3":
+        if (architecture, model_type) in MODEL_CLASSES:
             supported.append(folder.name)
         else:
             unsupported[folder.name] = architecture
@@ -60,7 +69,7 @@ def discover_cases() -> tuple[list[str], dict[str, str]]:
 
 
 SUPPORTED_CASES, UNSUPPORTED_CASES = discover_cases()
-NO_CASE = "<no DSpark/DFlash Qwen3 case found>"
+NO_CASE = "<no DSpark/DFlash case found>"
 
 
 @dataclass
@@ -85,9 +94,7 @@ class Case:
 @cache
 def load_case(name: str) -> Case:
     if name == NO_CASE:
-        pytest.fail(
-            f"no Qwen3 DSpark/DFlash parity case in {PARITY_DIR}; set DEEPSPEC_PARITY_DIR to the fixture folder"
-        )
+        pytest.fail(f"no DSpark/DFlash parity case in {PARITY_DIR}; set DEEPSPEC_PARITY_DIR to the fixture folder")
     folder = PARITY_DIR / name
     weights = load_file(folder / "weights.safetensors")
     return Case(
@@ -101,14 +108,23 @@ def load_case(name: str) -> Case:
     )
 
 
-def build_model(case: Case) -> Qwen3DSparkModel:
-    config = DSparkConfig.from_json_file(str(case.folder / "draft_config.json"))
-    model = Qwen3DSparkModel(config).float()
+def build_model(case: Case) -> DSparkModelBase:
+    config_class, model_class = MODEL_CLASSES[case_architecture(case.folder)]
+    config = config_class.from_json_file(str(case.folder / "draft_config.json"))
+    model = model_class(config).float()
     model.load_state_dict(case.weights, strict=True)
     return model
 
 
-def run_forward(case: Case, model: Qwen3DSparkModel) -> DSparkForwardOutput:
+def build_target(case: Case) -> PreTrainedModel:
+    """Build the case's tiny target (random weights) from its config, as the reference's draft builder saw it."""
+    values = case.config["target_config (tiny; the draft config copies it)"]
+    if values["model_type"] == "gemma4":
+        return Gemma4ForConditionalGeneration(Gemma4Config.from_dict(values))
+    return Qwen3ForCausalLM(Qwen3Config.from_dict(values))
+
+
+def run_forward(case: Case, model: DSparkModelBase) -> DSparkForwardOutput:
     inputs = case.inputs
     return model.forward_train(
         input_ids=inputs["input_ids"],
@@ -144,25 +160,30 @@ CASES = SUPPORTED_CASES or [NO_CASE]
 
 
 def test_parity_cases_found():
-    assert SUPPORTED_CASES, f"no Qwen3 DSpark/DFlash parity case in {PARITY_DIR}"
+    assert SUPPORTED_CASES, f"no DSpark/DFlash parity case in {PARITY_DIR}"
 
 
 def test_unsupported_cases_listed():
-    unknown = {name: arch for name, arch in UNSUPPORTED_CASES.items() if arch not in NOT_YET_SUPPORTED}
-    assert not unknown, f"parity cases with an architecture nobody implements or plans: {unknown}"
-    if UNSUPPORTED_CASES:
-        listing = ", ".join(f"{name} ({arch})" for name, arch in sorted(UNSUPPORTED_CASES.items()))
-        warnings.warn(f"parity cases not checked because their draft is not implemented yet: {listing}", stacklevel=1)
+    unknown = {name: arch for name, arch in UNSUPPORTED_CASES.items() if not arch.endswith(CHECKED_ELSEWHERE_SUFFIX)}
+    assert not unknown, f"parity cases with an architecture no parity test checks: {unknown}"
+
+
+def test_both_target_families_have_cases():
+    families = {case_architecture(PARITY_DIR / name)[1] for name in SUPPORTED_CASES}
+    assert families == {"qwen3", "gemma4_text"}, f"DSpark/DFlash parity cases cover only {sorted(families)}"
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_training_forward_matches(name):
     case = load_case(name)
-    output = run_forward(case, build_model(case))
+    model = build_model(case)
+    output = run_forward(case, model)
     assert torch.equal(output.target_ids, case.tensors["target_ids"])
     assert torch.equal(output.eval_mask, case.tensors["eval_mask"])
     assert_tensor_close("draft_logits", output.draft_logits, case.tensors["draft_logits"])
     assert_tensor_close("aligned_target_logits", output.aligned_target_logits, case.tensors["aligned_target_logits"])
+    if "rope_inv_freq" in case.tensors:
+        assert_tensor_close("rope_inv_freq", model.rotary_emb.inv_freq, case.tensors["rope_inv_freq"])
     if "confidence_pred" in case.tensors:
         assert_tensor_close("confidence_pred", output.confidence_pred, case.tensors["confidence_pred"])
     else:
@@ -221,7 +242,7 @@ def test_drafting_matches(name):
 
         hidden = drafter.block_hidden(anchor, start)
         assert_tensor_close(prefix + "block_hidden", hidden, case.tensors[prefix + "block_hidden"][0])
-        assert_tensor_close(prefix + "base_logits", model.lm_head(hidden), case.tensors[prefix + "base_logits"][0])
+        assert_tensor_close(prefix + "base_logits", model.base_logits(hidden), case.tensors[prefix + "base_logits"][0])
 
         proposal = drafter.propose(anchor, start, 0.0, None)
         assert proposal.tokens.tolist() == round_info["greedy_tokens"]
@@ -296,10 +317,9 @@ def test_reference_checkpoint_loads(name, tmp_path):
 @pytest.mark.parametrize("name", CASES)
 def test_build_draft_reproduces_reference_config(name):
     case = load_case(name)
-    target_config = Qwen3Config.from_dict(case.config["target_config (tiny; the draft config copies it)"])
     args = case.model_args
     draft = build_draft(
-        Qwen3ForCausalLM(target_config),
+        build_target(case),
         layer_ids=args["target_layer_ids"],
         block_size=args["block_size"],
         num_layers=args["num_draft_layers"],
@@ -315,5 +335,11 @@ def test_build_draft_reproduces_reference_config(name):
     reference = json.loads((case.folder / "draft_config.json").read_text(encoding="utf-8"))
     ours.pop("transformers_version")
     reference.pop("transformers_version")
+    if not reference.get("attention_k_eq_v", True):
+        # This transformers version drops num_global_key_value_heads from a target config without
+        # attention_k_eq_v, and the draft never reads it then.
+        assert ours.pop("num_global_key_value_heads") is None
+        reference.pop("num_global_key_value_heads")
     assert ours == reference
     assert sorted(draft.state_dict()) == sorted(case.weights)
+    assert type(draft) is MODEL_CLASSES[case_architecture(case.folder)][1]
