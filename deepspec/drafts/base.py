@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,14 +26,14 @@ class Proposal:
 class Drafter(Protocol):
     """A draft model bound to one sequence during speculative decoding.
 
-    The loop calls ``reset`` once per prompt, ``extend_context`` with the
+    The loop calls ``reset`` once per prompt with the prompt's token ids, ``extend_context`` with the
     target features of every committed position (in order, without gaps), and
     ``propose`` with the last committed token, which sits at ``position``.
     """
 
     block_size: int
 
-    def reset(self) -> None: ...
+    def reset(self, prompt_ids: Sequence[int] = ()) -> None: ...
 
     def extend_context(self, features: torch.Tensor) -> None:
         """Append target features ``[n, L*H]`` for the next ``n`` committed positions."""

@@ -6,6 +6,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from deepspec.config import ConfigError, PipelineConfig
 from deepspec.drafts.dspark import build_draft, draft_kwargs_from_config
+from deepspec.drafts.eagle3 import build_eagle3_draft, eagle3_kwargs_from_config
 
 
 def resolve_mask_token_id(config: PipelineConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -24,6 +25,10 @@ def build_draft_for_config(
     config: PipelineConfig, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, seed: int
 ) -> PreTrainedModel:
     """Build a freshly initialised draft of the configured algorithm and shape for ``target``."""
+    if config.draft.algorithm == "eagle3":
+        return build_eagle3_draft(
+            target, **eagle3_kwargs_from_config(config.draft, layer_ids=list(config.cache.layer_ids), seed=seed)
+        )
     kwargs = draft_kwargs_from_config(
         config.draft,
         layer_ids=list(config.cache.layer_ids),

@@ -235,7 +235,7 @@ def speculative_generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     end_tokens = frozenset(int(token) for token in end_token_ids)
     result = GenerationResult(prompt_length=len(prompt_ids), tokens=[])
-    drafter.reset()
+    drafter.reset(prompt_ids)
     cache = DynamicCache(config=target.config)
     cache_argument = _cache_argument(target)
 

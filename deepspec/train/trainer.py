@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deepspec.cache.reader import CacheReader, collate
 from deepspec.config import ConfigError, PipelineConfig
+from deepspec.drafts.eagle3 import is_eagle3
+from deepspec.drafts.eagle3_loss import eagle3_loss, eagle3_loss_kwargs
 from deepspec.drafts.losses import dspark_loss, loss_kwargs_from_config
 from deepspec.logs import format_duration
 from deepspec.manifest import StageError
@@ -40,6 +42,14 @@ class _TrainForward(torch.nn.Module):
         self.draft = draft
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> Any:
+        if is_eagle3(self.draft):
+            return self.draft.forward_train(
+                input_ids=batch["input_ids"],
+                target_hidden_states=batch["target_hidden"],
+                loss_mask=batch["loss_mask"],
+                attention_mask=batch["attention_mask"],
+                target_last_hidden_states=batch["target_last_hidden"],
+            )
         return self.draft.forward_train(
             input_ids=batch["input_ids"],
             target_hidden_states=batch["target_hidden"],
@@ -95,7 +105,8 @@ class Trainer:
         self.draft = draft.to(env.device)
         self.output = output
         self.accumulation = settings.global_batch_size // per_step
-        self.loss_kwargs = loss_kwargs_from_config(config.draft)
+        self.eagle3 = is_eagle3(draft)
+        self.loss_kwargs = eagle3_loss_kwargs(config.draft) if self.eagle3 else loss_kwargs_from_config(config.draft)
         self.sampler = StepSampler(len(cache), settings.global_batch_size, settings.seed)
         trainable = [param for param in self.draft.parameters() if param.requires_grad]
         self.optimizer = build_optimizer(trainable, settings)
@@ -202,12 +213,18 @@ class Trainer:
         )
         with autocast:
             output = self.ddp(batch, generator)
-        loss_output = dspark_loss(
-            output,
-            **self.loss_kwargs,
-            all_reduce=all_reduce_sum if self.env.world_size > 1 else None,
-            world_size=self.env.world_size,
-        )
+        if self.eagle3:
+            # Each rank's Eagle3 loss is its local mean, so DDP's gradient average is the global mean.
+            loss_output = eagle3_loss(output, **self.loss_kwargs)
+            logged = {name: value for name, value in loss_output.metrics.items() if name != "loss"}
+        else:
+            loss_output = dspark_loss(
+                output,
+                **self.loss_kwargs,
+                all_reduce=all_reduce_sum if self.env.world_size > 1 else None,
+                world_size=self.env.world_size,
+            )
+            logged = loss_output.components
         loss = loss_output.loss
         flag = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
         all_reduce_sum(flag)
@@ -219,7 +236,7 @@ class Trainer:
             "tokens": int(batch["attention_mask"].sum()),
             "supervised": int(loss_output.num_supervised),
             "nonfinite": nonfinite,
-            "components": {name: float(value) for name, value in loss_output.components.items()},
+            "components": {name: float(value) for name, value in logged.items()},
         }
 
     def _skip_reason(self, supervised: int, nonfinite: int, grad_norm: float) -> str | None:

@@ -45,7 +45,7 @@ class TableDrafter:
         self.block_size = block_size
         self.context_length = 0
 
-    def reset(self) -> None:
+    def reset(self, prompt_ids=()) -> None:
         self.context_length = 0
 
     def extend_context(self, features: torch.Tensor) -> None:
@@ -81,7 +81,7 @@ class SequenceDrafter:
         self.block_size = block_size
         self.context_length = 0
 
-    def reset(self) -> None:
+    def reset(self, prompt_ids=()) -> None:
         self.context_length = 0
 
     def extend_context(self, features: torch.Tensor) -> None:
@@ -256,7 +256,7 @@ class NoisyOracleDrafter:
         self.sequence: list[int] = []
         self.pending: list[int] = []
 
-    def reset(self) -> None:
+    def reset(self, prompt_ids=()) -> None:
         self.sequence = []
         self.pending = list(SAMPLE_PROMPT)
 

@@ -163,7 +163,7 @@ class ScriptedDrafter:
         self.context_sizes: list[int] = []
         self.anchors: list[tuple[int, int]] = []
 
-    def reset(self) -> None:
+    def reset(self, prompt_ids=()) -> None:
         self.context_sizes = []
         self.anchors = []
 
