@@ -42,14 +42,35 @@ def stage_settings(config: PipelineConfig, stage: str) -> dict[str, Any]:
         data.pop("data_dir")
         return {"data": data}
     if stage == "regen":
-        return {"regen": dump["regen"], "target": target_identity(config)}
+        regen = dict(dump["regen"])
+        # Where the servers are and how requests are retried does not change the answers; the model name does.
+        regen["openai"] = {"model": regen["openai"]["model"]}
+        return {"regen": regen, "target": target_identity(config)}
     if stage == "cache":
         return {"cache": _without(dump["cache"], LAUNCH_KEYS), "target": target_identity(config)}
     if stage == "train":
         return {"draft": dump["draft"], "train": _without(dump["train"], LAUNCH_KEYS)}
     if stage == "eval":
-        return {"eval": dump["eval"], "target": target_identity(config)}
+        return {"eval": _eval_settings(dump["eval"]), "target": target_identity(config)}
     raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+def _eval_settings(section: dict[str, Any]) -> dict[str, Any]:
+    """Return the eval settings with ``eval.draft`` replaced by the draft's content hash (dropped when unset)."""
+    section = dict(section)
+    draft = section.pop("draft", None)
+    if draft is not None:
+        from deepspec.drafts.checkpoint import external_draft_identity
+
+        section["draft"] = external_draft_identity(draft)
+    return section
+
+
+def upstream_stages(config: PipelineConfig, stage: str) -> tuple[str, ...]:
+    """Return the stages whose outputs ``stage`` reads; eval skips train when ``eval.draft`` names the draft."""
+    if stage == "eval" and config.eval.draft is not None:
+        return ("prompts",)
+    return UPSTREAM[stage]
 
 
 def _without(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -59,14 +80,14 @@ def _without(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
     fingerprints: dict[str, str] = {}
     for stage in STAGES:
-        inputs = {name: fingerprints[name] for name in UPSTREAM[stage]}
+        inputs = {name: fingerprints[name] for name in upstream_stages(config, stage)}
         fingerprints[stage] = fingerprint(stage, stage_settings(config, stage), inputs)
     return fingerprints
 
 
 def stage_inputs(config: PipelineConfig, stage: str) -> dict[str, str]:
     fingerprints = stage_fingerprints(config)
-    return {name: fingerprints[name] for name in UPSTREAM[stage]}
+    return {name: fingerprints[name] for name in upstream_stages(config, stage)}
 
 
 def stage_output(config: PipelineConfig, stage: str) -> Path:

@@ -48,6 +48,8 @@ from deepspec.data.stage import read_records
 from deepspec.drafts.checkpoint import check_draft_matches_target, external_draft_identity, load_draft
 from deepspec.drafts.dspark import build_draft
 from deepspec.drafts.dspark_drafter import DSparkDrafter
+from deepspec.drafts.eagle3 import build_eagle3_draft, is_eagle3
+from deepspec.drafts.eagle3_drafter import Eagle3Drafter
 from deepspec.eval.metrics import AcceptanceSums
 from deepspec.eval.report import build_report, render_markdown, temperature_key
 from deepspec.eval.speculative import GenerationResult, speculative_generate
@@ -128,6 +130,7 @@ def build_prompts(
     max_positions: int,
     reserved_positions: int,
     rejects: RejectLog,
+    enable_thinking: bool = False,
 ) -> list[EvalPrompt]:
     """Render each record's first user turn; records with no usable turn or too long a prompt are rejected."""
     prompts: list[EvalPrompt] = []
@@ -138,7 +141,10 @@ def build_prompts(
             if text is None:
                 rejects.add("no_user_turn", record_id=record.get("id"), detail="no non-empty user message")
                 continue
-            prompt_ids = render_prompt_ids(tokenizer, [{"role": "user", "content": text}])
+            # Rendered as regen rendered the training prompts, so the draft sees the same prompt format.
+            prompt_ids = render_prompt_ids(
+                tokenizer, [{"role": "user", "content": text}], enable_thinking=enable_thinking
+            )
             if len(prompt_ids) + reserved_positions > max_positions:
                 rejects.add(
                     "too_long",
@@ -205,6 +211,16 @@ def build_untrained(trained: PreTrainedModel, target: PreTrainedModel, seed: int
     """Build a freshly initialised draft with the trained draft's settings."""
     settings = trained.config
     parameter = next(trained.parameters())
+    if is_eagle3(trained):
+        eagle3 = build_eagle3_draft(
+            target,
+            layer_ids=list(settings.target_layer_ids),
+            num_layers=settings.num_hidden_layers,
+            ttt_length=settings.ttt_length,
+            step_loss_decay=settings.step_loss_decay,
+            seed=seed,
+        )
+        return eagle3.to(device=parameter.device, dtype=parameter.dtype).eval()
     draft = build_draft(
         target,
         layer_ids=list(settings.target_layer_ids),
@@ -284,7 +300,9 @@ def run_eval(config: PipelineConfig) -> Path:
     if config.eval.compare_untrained:
         drafts[UNTRAINED] = build_untrained(drafts[TRAINED], target, config.eval.seed)
         check_draft(drafts[UNTRAINED], target, "untrained draft")
-    block_size = int(drafts[TRAINED].config.block_size)
+    # An Eagle3 draft proposes up to ttt_length tokens per round.
+    trained_config = drafts[TRAINED].config
+    block_size = int(trained_config.ttt_length if is_eagle3(drafts[TRAINED]) else trained_config.block_size)
 
     with RejectLog(output / "rejects.jsonl") as rejects:
         prompts = build_prompts(
@@ -293,6 +311,7 @@ def run_eval(config: PipelineConfig) -> Path:
             max_positions=int(target.config.max_position_embeddings),
             reserved_positions=config.eval.max_new_tokens + block_size + 1,
             rejects=rejects,
+            enable_thinking=bool(config.regen.enable_thinking),
         )
     if not prompts:
         raise StageError(
@@ -312,7 +331,7 @@ def run_eval(config: PipelineConfig) -> Path:
     progress = Progress(logger, "prompts", len(prompts) * len(drafts) * len(config.eval.temperatures))
     for temperature in config.eval.temperatures:
         for name, model in drafts.items():
-            drafter = DSparkDrafter(model)
+            drafter = Eagle3Drafter(model, end_token_ids=end_tokens) if is_eagle3(model) else DSparkDrafter(model)
             per_benchmark = results[name].setdefault(float(temperature), {})
             for prompt in prompts:
                 generator = torch.Generator(device=device).manual_seed(config.eval.seed + prompt.index)
