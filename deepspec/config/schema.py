@@ -61,6 +61,10 @@ class SourceConfig(StrictModel):
     hf_config: str | None = None
     hf_split: str = "train"
     max_rows: int | None = Field(None, ge=1, description="keep only the first N source rows")
+    split: Literal["auto", "train", "heldout"] = Field(
+        "auto",
+        description="auto splits by record hash and data.heldout_fraction; train or heldout puts every row there",
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> SourceConfig:
@@ -82,23 +86,23 @@ class DataConfig(StrictModel):
 class OpenAIRegenConfig(StrictModel):
     """Connection to OpenAI-compatible servers (vLLM, SGLang) for ``regen.backend: openai``.
 
-    Only ``model`` changes the stage fingerprint; the other keys say where and how to reach the servers.
+    Only ``model`` changes the stage fingerprint; the other keys set where and how to reach the servers.
     """
 
     endpoints: list[str] = Field(
         [], description="base URLs such as http://127.0.0.1:8000/v1; requests are spread over all of them"
     )
     api_key_env: str | None = Field(
-        None, description="name of the environment variable that holds the API key (never the key itself)"
+        None, description="name of the environment variable that contains the API key (never the key itself)"
     )
     model: str | None = Field(None, description="model name sent in each request; defaults to target.name_or_path")
     max_in_flight_per_endpoint: int = Field(64, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
     read_timeout_s: float = Field(600.0, gt=0)
-    ready_timeout_s: float = Field(900.0, ge=0, description="how long to wait for the servers to become ready")
+    ready_timeout_s: float = Field(900.0, gt=0, description="how long to wait for the servers to become ready")
     max_retries: int = Field(5, ge=0, description="retries of one request after a transient error")
     backoff_base_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
+    backoff_max_s: float = Field(60.0, gt=0)
     max_consecutive_failures: int = Field(
         50, ge=1, description="the run stops (and can be resumed) after this many failed requests in a row"
     )
@@ -244,6 +248,14 @@ class EvalConfig(StrictModel):
     )
     seed: int = 0
     compare_untrained: bool = Field(True, description="also evaluate an untrained draft of the same shape")
+    draft: str | None = Field(
+        None,
+        description=(
+            "local directory of a draft checkpoint (config.json plus safetensors, e.g. a download of "
+            "deepseek-ai/dspark_qwen3_4b_block7) to evaluate instead of the train stage's draft; its settings "
+            "come from its config.json and its content hash enters the eval fingerprint"
+        ),
+    )
 
 
 class StorageConfig(StrictModel):

@@ -20,23 +20,46 @@ answers after the last user turn). Then ``messages[:i+1]`` is not a prefix
 of the full rendering, and the answer is located right after the unchanged
 history instead. If that fails too, :class:`ChatTemplateError` names the
 template.
+
+Thinking: an assistant turn may carry ``reasoning_content`` (what a thinking
+target wrote inside its think block). It is passed to the template, which
+decides where it goes (Qwen3's template renders it in a ``<think>`` block in
+front of the answers after the last user turn and drops it from earlier ones).
+
+System turns: some templates (Gemma's) raise on a ``system`` message. The
+``system_prompt_policy`` argument says what to do then: ``keep`` raises
+:class:`ChatTemplateError`, ``fold_into_first_user`` prepends the system text
+to the first user turn and ``skip`` drops it. Templates that accept system
+turns always get them unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from deepspec.data.records import Rejection
 
 Overlong = Literal["drop", "truncate_left"]
+SystemPromptPolicy = Literal["keep", "fold_into_first_user", "skip"]
+SYSTEM_PROMPT_POLICIES: tuple[str, ...] = ("keep", "fold_into_first_user", "skip")
+REASONING_KEY = "reasoning_content"
+
+# Whether a chat template (keyed by its sha256) renders a system turn without raising.
+_ACCEPTS_SYSTEM: dict[str, bool] = {}
 
 
 class ChatTemplateError(RuntimeError):
     """The chat template renders conversations in a way the loss-mask logic cannot follow."""
+
+
+class SystemPromptError(ChatTemplateError, ValueError):
+    """The chat template raises on a system turn and ``regen.system_prompt_policy`` is ``keep``."""
 
 
 @dataclass(frozen=True)
@@ -53,19 +76,37 @@ class TrainingExample:
         return sum(self.loss_mask)
 
 
-def render_chat_text(tokenizer: Any, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
-    """Render ``messages`` with the tokenizer's chat template, thinking disabled."""
+def render_chat_text(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    add_generation_prompt: bool,
+    system_prompt_policy: SystemPromptPolicy = "keep",
+    enable_thinking: bool = False,
+) -> str:
+    """Render ``messages`` with the tokenizer's chat template (thinking disabled unless requested)."""
+    plain = apply_system_prompt_policy(tokenizer, _plain_messages(messages), system_prompt_policy)
     return tokenizer.apply_chat_template(
-        _plain_messages(messages),
+        plain,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
-        enable_thinking=False,
+        enable_thinking=enable_thinking,
     )
 
 
-def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> list[int]:
+def render_prompt_ids(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    system_prompt_policy: SystemPromptPolicy = "keep",
+    enable_thinking: bool = False,
+) -> list[int]:
     """Return the token ids of ``messages`` followed by the template's generation prompt."""
-    text = render_chat_text(tokenizer, messages, add_generation_prompt=True)
+    text = render_chat_text(
+        tokenizer,
+        messages,
+        add_generation_prompt=True,
+        system_prompt_policy=system_prompt_policy,
+        enable_thinking=enable_thinking,
+    )
     # verbose=False: callers compare the length with their own limit and reject long prompts.
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
@@ -76,6 +117,7 @@ def render_training_example(
     max_length: int,
     overlong: Overlong = "drop",
     min_loss_tokens: int = 1,
+    system_prompt_policy: SystemPromptPolicy = "keep",
 ) -> TrainingExample | Rejection:
     """Tokenise a finished conversation and build its loss mask.
 
@@ -90,7 +132,7 @@ def render_training_example(
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     _require_fast(tokenizer)
-    plain = _plain_messages(messages)
+    plain = apply_system_prompt_policy(tokenizer, _plain_messages(messages), system_prompt_policy)
     roles = [message["role"] for message in plain]
     if "assistant" not in roles:
         return Rejection("no_assistant_turn", "the conversation has no assistant turn to learn from")
@@ -127,8 +169,53 @@ def shift_left(mask: Sequence[int] | torch.Tensor) -> list[int] | torch.Tensor:
     return values[1:] + [0] if values else []
 
 
+def apply_system_prompt_policy(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], policy: SystemPromptPolicy
+) -> list[dict[str, Any]]:
+    """Return ``messages`` ready for the template: system turns unchanged if it accepts them, else per ``policy``."""
+    if policy not in SYSTEM_PROMPT_POLICIES:
+        raise ValueError(f"system_prompt_policy must be one of {SYSTEM_PROMPT_POLICIES}, got {policy!r}")
+    systems = [message for message in messages if message["role"] == "system"]
+    if not systems or template_accepts_system(tokenizer):
+        return list(messages)
+    if policy == "keep":
+        raise SystemPromptError(
+            f"{_template_name(tokenizer)} raises on a system turn and regen.system_prompt_policy is keep; set "
+            "regen.system_prompt_policy to fold_into_first_user (prepend the system text to the first user turn) "
+            "or skip (drop system turns)"
+        )
+    rest = [dict(message) for message in messages if message["role"] != "system"]
+    if policy == "fold_into_first_user":
+        system_text = "\n\n".join(str(message["content"] or "") for message in systems)
+        for message in rest:
+            if message["role"] == "user":
+                message["content"] = f"{system_text}\n\n{message['content'] or ''}"
+                break
+    return rest
+
+
+def template_accepts_system(tokenizer: Any) -> bool:
+    """Return whether the tokenizer's chat template renders a system turn without raising."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = hashlib.sha256(str(template).encode("utf-8")).hexdigest()
+    if key not in _ACCEPTS_SYSTEM:
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            _ACCEPTS_SYSTEM[key] = True
+        except TemplateError:
+            _ACCEPTS_SYSTEM[key] = False
+    return _ACCEPTS_SYSTEM[key]
+
+
 def _plain_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"role": message["role"], "content": message["content"]} for message in messages]
+    plain = []
+    for message in messages:
+        entry = {"role": message["role"], "content": message["content"]}
+        if message.get(REASONING_KEY):
+            entry[REASONING_KEY] = message[REASONING_KEY]
+        plain.append(entry)
+    return plain
 
 
 def _require_fast(tokenizer: Any) -> None:
@@ -188,6 +275,16 @@ def _render_masked(tokenizer: Any, messages: list[dict[str, Any]]) -> TrainingEx
 
 def _assistant_span(tokenizer: Any, messages: list[dict[str, Any]], index: int, full: str) -> tuple[int, int]:
     """Return the character span of assistant message ``index`` (answer plus end of turn) in ``full``."""
+    if messages[index].get(REASONING_KEY):
+        # A turn written with thinking on: its prompt is the generation prompt with thinking enabled, and the
+        # span covers the think block. Templates that drop reasoning from history turns render the answer alone,
+        # which the plain path below finds.
+        prompt = render_chat_text(tokenizer, messages[:index], add_generation_prompt=True, enable_thinking=True)
+        with_answer = render_chat_text(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if with_answer.startswith(prompt) and full.startswith(with_answer):
+            return len(prompt), len(with_answer)
+        without = {"role": "assistant", "content": messages[index]["content"]}
+        messages = [*messages[:index], without, *messages[index + 1 :]]
     prompt = render_chat_text(tokenizer, messages[:index], add_generation_prompt=True)
     with_answer = render_chat_text(tokenizer, messages[: index + 1], add_generation_prompt=False)
     if not with_answer.startswith(prompt):
