@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deepspec.launch.worldsize import check_world_size
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,7 @@ def _env_int(name: str, default: int) -> int:
 
 def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEnv:
     """Join the process group when WORLD_SIZE > 1; pick gloo on CPU and nccl on GPU for ``auto``."""
+    check_world_size()
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
