@@ -26,7 +26,7 @@ from pathlib import Path
 from deepspec.config import ConfigError, PipelineConfig, load_config
 from deepspec.logs import set_stage, setup_logging
 from deepspec.manifest import MANIFEST_NAME, StageError, StageInputError
-from deepspec.pipeline import STAGES, UPSTREAM, stage_fingerprints
+from deepspec.pipeline import STAGES, stage_fingerprints, upstream_stages
 from deepspec.runtime import configure_runtime
 from deepspec.storage import StageSync, Storage, localize, open_storage
 
@@ -94,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("prompts", "read prompt sources, normalise, split train / held-out")
     regen = add("regen", "regenerate assistant answers with the target")
     regen.add_argument("--finalize", action="store_true", help="only merge the finished shards into the output")
-    regen.add_argument(
-        "--shard-index", type=int, help="this process's shard (default: $JOB_COMPLETION_INDEX, else 0)"
-    )
+    regen.add_argument("--shard-index", type=int, help="this process's shard (default: $JOB_COMPLETION_INDEX, else 0)")
     regen.add_argument("--num-shards", type=int, help="how many shards the train records are split into (default 1)")
     serve = add("serve-target", "print (or with --launch, run) the vLLM or SGLang command that serves the target")
     serve.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
@@ -241,10 +239,22 @@ def stage_sync(config: PipelineConfig, storage: Storage, stage: str) -> StageSyn
         storage,
         stage,
         stage_fingerprints(config),
-        UPSTREAM[stage],
+        upstream_stages(config, stage),
         interval_s=config.storage.sync_interval_s,
         publisher=publisher,
     )
+
+
+def needed_stages(config: PipelineConfig) -> list[str]:
+    """Return the stages eval depends on, and eval, in pipeline order (with ``eval.draft`` only prompts and eval)."""
+    needed = {"eval"}
+    pending = ["eval"]
+    while pending:
+        for upstream in upstream_stages(config, pending.pop()):
+            if upstream not in needed:
+                needed.add(upstream)
+                pending.append(upstream)
+    return [stage for stage in STAGES if stage in needed]
 
 
 def run_stage(config: PipelineConfig, storage: Storage, stage: str) -> None:
@@ -256,16 +266,14 @@ def run_stage(config: PipelineConfig, storage: Storage, stage: str) -> None:
         _stage_runner(stage)(localize(config, storage))
 
 
-def run_pipeline(
-    config: PipelineConfig, args: argparse.Namespace, storage: Storage, until: str | None = None
-) -> int:
+def run_pipeline(config: PipelineConfig, args: argparse.Namespace, storage: Storage, until: str | None = None) -> int:
     """Run the stages in order; a stage whose manifest exists is skipped."""
     fingerprints = stage_fingerprints(config)
-    if not storage.has_manifest("cache", fingerprints["cache"]):
+    if "cache" in needed_stages(config) and not storage.has_manifest("cache", fingerprints["cache"]):
         check_layer_ids_early(config)
     timings: dict[str, float] = {}
     skipped: set[str] = set()
-    for stage in STAGES:
+    for stage in needed_stages(config):
         started = time.monotonic()
         set_stage(stage)
         if storage.has_manifest(stage, fingerprints[stage]):

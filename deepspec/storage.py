@@ -199,12 +199,12 @@ class Storage:
             self.remote.upload(local_dir / name, key)
             self._synced[key] = _signature(stat)
             uploaded += 1
-        if final:
+        # Only a finished output is pruned and published: the pods of a sharded stage upload only their own files.
+        if final and MANIFEST_NAME in local:
             for name in sorted(set(remote) - set(local)):
                 self.remote.delete(f"{relative_dir}/{name}")
-            if MANIFEST_NAME in local:
-                self.remote.upload(local_dir / MANIFEST_NAME, f"{relative_dir}/{MANIFEST_NAME}")
-                uploaded += 1
+            self.remote.upload(local_dir / MANIFEST_NAME, f"{relative_dir}/{MANIFEST_NAME}")
+            uploaded += 1
         if uploaded:
             logger.info("uploaded %d files to %s", uploaded, self.uri(stage, stage_fingerprint))
         return uploaded

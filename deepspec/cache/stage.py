@@ -60,6 +60,7 @@ from deepspec.config import PipelineConfig, load_config
 from deepspec.data.chat import render_training_example
 from deepspec.data.records import Rejection
 from deepspec.data.stage import read_records
+from deepspec.launch.worldsize import check_world_size
 from deepspec.logs import Progress, setup_logging
 from deepspec.manifest import (
     check_kept_fraction,
@@ -103,6 +104,7 @@ class RankEnv:
 
     @classmethod
     def from_environ(cls) -> RankEnv:
+        check_world_size()
         values = {}
         for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
             text = os.environ.get(name, "")
@@ -195,7 +197,12 @@ class UnitBuilder:
                     self._reject(writer, record_id, "invalid_record", "the record has no messages list", record)
                     continue
                 result = render_training_example(
-                    self.tokenizer, messages, settings.max_length, settings.overlong, settings.min_loss_tokens
+                    self.tokenizer,
+                    messages,
+                    settings.max_length,
+                    settings.overlong,
+                    settings.min_loss_tokens,
+                    system_prompt_policy=self.config.regen.system_prompt_policy,
                 )
                 if isinstance(result, Rejection):
                     self._reject(writer, record_id, result.reason, result.detail, record)

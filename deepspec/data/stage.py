@@ -88,9 +88,12 @@ def run_prompts(config: PipelineConfig) -> Path:
 
     write_started = time.monotonic()
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
+    fixed_split = {source.name: source.split for source in config.data.sources if source.split != "auto"}
     for record_id in sorted(records):
         record = records[record_id]
-        split = split_of(record_id, config.data.heldout_fraction, config.data.split_salt)
+        split = fixed_split.get(record["source"]) or split_of(
+            record_id, config.data.heldout_fraction, config.data.split_salt
+        )
         splits[split].append({**record, "split": split})
         per_source[record["source"]][split] += 1
     write_jsonl_atomic(output / TRAIN_FILE, splits["train"])

@@ -199,3 +199,17 @@ def test_multi_node_s3_cache_rejected(s3_endpoint, tiny_target_dir, tmp_path):
     )
     assert completed.returncode == 2
     assert "ReadWriteMany" in completed.stderr + completed.stdout
+
+
+def test_unfinished_push_keeps_other_shards(s3_endpoint, tmp_path):
+    first = open_storage(s3_config(tmp_path, "shards", tmp_path / "pod-0"))
+    second = open_storage(s3_config(tmp_path, "shards", tmp_path / "pod-1"))
+    for index, storage in enumerate((first, second)):
+        shard_dir = storage.local_dir("regen", "f2") / "shards"
+        shard_dir.mkdir(parents=True)
+        (shard_dir / f"shard-{index}.jsonl").write_text("{}\n")
+        storage.push("regen", "f2", final=True)
+    assert keys_under("shards/regen/f2/") == {
+        "shards/regen/f2/shards/shard-0.jsonl",
+        "shards/regen/f2/shards/shard-1.jsonl",
+    }

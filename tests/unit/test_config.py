@@ -167,3 +167,12 @@ def test_extends_missing_file_named(tmp_path):
     child.write_text("extends: nowhere.yaml\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="nowhere.yaml"):
         load_config(child)
+
+
+def test_external_draft_runs_only_prompts_and_eval():
+    from deepspec.cli import needed_stages
+
+    config = validate_config(MINIMAL)
+    assert needed_stages(config) == ["prompts", "regen", "cache", "train", "eval"]
+    external = validate_config({**MINIMAL, "eval": {"draft": "/models/dspark_qwen3_4b_block7"}})
+    assert needed_stages(external) == ["prompts", "eval"]

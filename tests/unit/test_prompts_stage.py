@@ -261,3 +261,21 @@ def test_shipped_benchmark_files(tmp_path):
     for split in ("train", "heldout"):
         lines = (output / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == manifest["counts"][split]
+
+
+def test_fixed_source_split_overrides_hash(tmp_path, data_dir):
+    sources = [
+        {"name": "chat", "path": "chat.jsonl", "split": "train"},
+        {"name": "mini-bench", "split": "heldout"},
+        {"name": "extra", "path": "extra.parquet"},
+    ]
+    config = make_config(tmp_path / "runs", data_dir, sources=sources)
+    records = all_records(run_prompts(config))
+    by_source = {}
+    for record in records:
+        by_source.setdefault(record["source"], set()).add(record["split"])
+    assert by_source["chat"] == {"train"}
+    assert by_source["mini-bench"] == {"heldout"}
+    for record in records:
+        if record["source"] == "extra":
+            assert record["split"] == split_of(record["id"], 0.3, config.data.split_salt)
