@@ -12,7 +12,7 @@ ifneq ($(wildcard $(SHARED_EVAL)/*.jsonl),)
 export DEEPSPEC_DATA_DIR ?= $(SHARED_EVAL)
 endif
 
-.PHONY: install demo test test-unit lint benchmarks clean
+.PHONY: install demo test test-unit lint benchmarks generate clean
 
 install: $(VENV)/.installed
 
@@ -40,13 +40,19 @@ test-unit: install
 benchmarks: install
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
+# The Helm values schema's config part and the kustomize base are generated from the config models and
+# the chart; tests fail when they are out of step, and this target rewrites them.
+generate: install
+	$(BIN)/python helm/generate_config_schema.py
+	$(BIN)/python k8s/generate_base.py
+
 clean:
 	rm -rf runs .pytest_cache
 
 # ---- Container images: docker/<image>.Dockerfile, see docs/images.md ----
 # `make build push REGISTRY=registry.example.com/team ENGINE=podman` builds and pushes
-# $(REGISTRY)/<image>:$(TAG) for every image in IMAGES.
-REGISTRY ?= localhost:5000/deepspec
+# $(REGISTRY)/deepspec-<image>:$(TAG) for every image in IMAGES (the names the Helm chart uses).
+REGISTRY ?= localhost:5000
 IMAGES ?= data gpu
 ENGINE ?= docker
 ENGINES := docker podman buildah
@@ -74,7 +80,7 @@ GIT_DIRTY = $(eval GIT_DIRTY := $(if $(shell git status --porcelain 2>/dev/null)
 SOURCE_URL ?= $(or $(shell git remote get-url origin 2>/dev/null | sed 's|://[^/@]*@|://|'),unknown)
 TAG ?= $(PACKAGE_VERSION)-$(GIT_SHORT_REVISION)$(GIT_DIRTY)
 
-image_ref = $(REGISTRY)/$(1):$(TAG)
+image_ref = $(REGISTRY)/deepspec-$(1):$(TAG)
 engine_build_command = $(if $(filter buildah,$(ENGINE)),bud,build)
 engine_push_destination = $(if $(filter buildah,$(ENGINE)),docker://$(1))
 image_build_args = --build-arg VERSION=$(PACKAGE_VERSION) --build-arg REVISION=$(GIT_REVISION) \
@@ -83,13 +89,15 @@ image_build_args = --build-arg VERSION=$(PACKAGE_VERSION) --build-arg REVISION=$
 check_image_settings = $(if $(filter $(ENGINE),$(ENGINES)),,$(error ENGINE=$(ENGINE) is not supported; use one of: $(ENGINES)))$(foreach image,$(IMAGES),$(if $(wildcard docker/$(image).Dockerfile),,$(error IMAGES contains $(image), but docker/$(image).Dockerfile does not exist; choose from: $(patsubst docker/%.Dockerfile,%,$(wildcard docker/*.Dockerfile)))))
 
 define build_image_commands
-	$(ENGINE) $(ENGINE_FLAGS) $(engine_build_command) $(ENGINE_BUILD_FLAGS) -f docker/$(1).Dockerfile -t $(call image_ref,$(1)) $(image_build_args) $(BUILD_ARGS) .
+	$(strip $(ENGINE) $(ENGINE_FLAGS) $(engine_build_command) $(ENGINE_BUILD_FLAGS) -f docker/$(1).Dockerfile \
+		-t $(call image_ref,$(1)) $(image_build_args) $(BUILD_ARGS) .)
 	@echo "built $(call image_ref,$(1))"
 
 endef
 
 define push_image_commands
-	$(ENGINE) $(ENGINE_FLAGS) push $(ENGINE_PUSH_FLAGS) $(call image_ref,$(1)) $(call engine_push_destination,$(call image_ref,$(1)))
+	$(strip $(ENGINE) $(ENGINE_FLAGS) push $(ENGINE_PUSH_FLAGS) $(call image_ref,$(1)) \
+		$(call engine_push_destination,$(call image_ref,$(1))))
 	@echo "pushed $(call image_ref,$(1))"
 
 endef

@@ -379,7 +379,10 @@ def test_regen_server_is_native_sidecar(case: str, engine: str, port: int, gpus:
     server = container(pod, "server")
     assert server in pod["spec"]["initContainers"]
     assert server["restartPolicy"] == "Always"
-    assert server["command"] == [
+    writer = container(pod, "server-command")
+    names = [item["name"] for item in pod["spec"]["initContainers"]]
+    assert names.index("server-command") < names.index("server")
+    assert writer["command"] == [
         "deepspec",
         "serve-target",
         "--engine",
@@ -388,9 +391,13 @@ def test_regen_server_is_native_sidecar(case: str, engine: str, port: int, gpus:
         str(port),
         "--tensor-parallel-size",
         gpus,
-        "--launch",
+        "--script",
+        "/serve/serve.sh",
     ]
-    assert server["image"].endswith(f"/deepspec-{engine}:0.1.0")
+    assert writer["image"].endswith("/deepspec-data:0.1.0")
+    assert server["command"] == ["sh", "/serve/serve.sh"]
+    assert server["image"] == {"vllm": "vllm/vllm-openai:v0.11.0", "sglang": "lmsysorg/sglang:v0.5.4"}[engine]
+    assert {"name": "serve", "mountPath": "/serve", "readOnly": True} in server["volumeMounts"]
     probe = server["startupProbe"]["exec"]["command"]
     assert probe[:2] == ["python3", "-c"]
     assert f"http://127.0.0.1:{port}/v1/models" in probe[2]
@@ -465,7 +472,7 @@ def test_images_follow_registry_and_tag() -> None:
     assert images == {
         "registry.example/ml/deepspec-data:1.2.3",
         "registry.example/ml/deepspec-gpu:1.2.3",
-        "registry.example/ml/deepspec-vllm:1.2.3",
+        "vllm/vllm-openai:v0.11.0",
     }
 
 

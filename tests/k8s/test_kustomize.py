@@ -89,7 +89,7 @@ def test_overlay_replaces_every_image() -> None:
     assert images == {
         "registry.example.com/ml/deepspec-data:0.1.0",
         "registry.example.com/ml/deepspec-gpu:0.1.0",
-        "registry.example.com/ml/deepspec-vllm:0.1.0",
+        "registry.example.com/mirror/vllm-openai:v0.11.0",
     }
 
 
