@@ -14,16 +14,18 @@ The config file comes from ``--config``, else the ``DEEPSPEC_CONFIG`` environmen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deepspec.config import ConfigError, PipelineConfig, load_config
+from deepspec.heartbeat import Heartbeat, is_fresh
 from deepspec.logs import set_stage, setup_logging
 from deepspec.manifest import MANIFEST_NAME, StageError, StageInputError
 from deepspec.pipeline import STAGES, stage_fingerprints, upstream_stages
@@ -103,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one server spans")
     serve.add_argument("--max-model-len", type=int, help="context length the server allocates for")
+    serve.add_argument(
+        "--script",
+        metavar="FILE",
+        help="also write the command as a shell script, for a server container whose image has no deepspec",
+    )
     cache = add("cache", "capture target hidden states into the cache (run under torchrun for several ranks)")
     cache.add_argument("--finalize", action="store_true", help="only merge finished units into the final cache")
     add("train", "train the draft on the cache (run under torchrun for DDP)")
@@ -171,7 +178,7 @@ def _dispatch(args: argparse.Namespace, config: PipelineConfig, storage: Storage
     if command == "cache" and args.finalize:
         from deepspec.cache.stage import finalize_cache
 
-        with stage_sync(config, storage, "cache"):
+        with stage_session(config, storage, "cache"):
             finalize_cache(localize(config, storage))
         return 0
     if command == "regen" and (args.finalize or args.shard_index is not None or args.num_shards is not None):
@@ -204,7 +211,7 @@ def _regen_sharded(args: argparse.Namespace, config: PipelineConfig, storage: St
     from deepspec.regen.shards import ShardSpec
     from deepspec.regen.stage import finalize_regen, run_regen
 
-    with stage_sync(config, storage, "regen"):
+    with stage_session(config, storage, "regen"):
         if args.finalize:
             finalize_regen(localize(config, storage))
         else:
@@ -213,12 +220,14 @@ def _regen_sharded(args: argparse.Namespace, config: PipelineConfig, storage: St
 
 
 def _serve_target(args: argparse.Namespace, config: PipelineConfig) -> int:
-    from deepspec.regen.serve import ServeOptions, format_command, launch, serve_command
+    from deepspec.regen.serve import ServeOptions, format_command, launch, serve_command, write_script
     from deepspec.targets.loading import resolve_target
 
     options = ServeOptions(args.engine, args.host, args.port, args.tensor_parallel_size, args.max_model_len)
     command = serve_command(config, resolve_target(config), options)
     print(format_command(command), flush=True)
+    if args.script:
+        write_script(args.script, command)
     if args.launch:
         launch(command)
     return 0
@@ -262,8 +271,16 @@ def run_stage(config: PipelineConfig, storage: Storage, stage: str) -> None:
     if storage.is_remote and storage.has_manifest(stage, stage_fingerprints(config)[stage]):
         logger.info("%s: up to date (%s)", stage, storage.uri(stage, stage_fingerprints(config)[stage]))
         return
-    with stage_sync(config, storage, stage):
+    with stage_session(config, storage, stage):
         _stage_runner(stage)(localize(config, storage))
+
+
+@contextlib.contextmanager
+def stage_session(config: PipelineConfig, storage: Storage, stage: str) -> Iterator[None]:
+    """Mirror the stage's files (S3 roots) and keep its heartbeat fresh while it runs (on rank 0)."""
+    sync = stage_sync(config, storage, stage)
+    with sync, Heartbeat(storage.local_dir(stage, stage_fingerprints(config)[stage]), enabled=sync.publisher):
+        yield
 
 
 def run_pipeline(config: PipelineConfig, args: argparse.Namespace, storage: Storage, until: str | None = None) -> int:
@@ -349,13 +366,17 @@ def wait_for_stage(config: PipelineConfig, storage: Storage, stage: str, timeout
 def format_status(config: PipelineConfig, storage: Storage) -> str:
     lines = [f"{'stage':<8} {'state':<8} output"]
     fingerprints = stage_fingerprints(config)
+    # On S3 the heartbeat reaches the bucket with the periodic upload, so it may be that much older.
+    slack = config.storage.sync_interval_s if storage.is_remote else 0.0
     for stage in STAGES:
         output = storage.uri(stage, fingerprints[stage])
         if storage.has_manifest(stage, fingerprints[stage]):
             state = "done"
+        elif is_fresh(storage.heartbeat_age(stage, fingerprints[stage]), slack_s=slack):
+            state = "running"
         elif storage.has_anything(stage, fingerprints[stage]):
-            # Started but unpublished: still running, or failed or killed (the next run resumes it).
-            state = "started"
+            # Started, unpublished and no recent heartbeat: the run failed or was killed; the next run resumes it.
+            state = "stopped"
         else:
             state = "waiting"
         lines.append(f"{stage:<8} {state:<8} {output}")

@@ -31,12 +31,14 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deepspec.config import ConfigError, PipelineConfig
+from deepspec.heartbeat import HEARTBEAT_NAME
 from deepspec.manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger("deepspec.storage")
@@ -157,6 +159,14 @@ class Storage:
         if self.remote is None:
             return self.local_dir(stage, stage_fingerprint).exists()
         return bool(self.remote.list(f"{stage}/{stage_fingerprint}"))
+
+    def heartbeat_age(self, stage: str, stage_fingerprint: str) -> float | None:
+        """Return the seconds since a running stage last wrote its heartbeat, or None without one."""
+        if self.remote is None:
+            path = self.local_dir(stage, stage_fingerprint) / HEARTBEAT_NAME
+            return time.time() - path.stat().st_mtime if path.is_file() else None
+        found = self.remote.list(f"{stage}/{stage_fingerprint}").get(HEARTBEAT_NAME)
+        return None if found is None else time.time() - found.mtime
 
     def pull(self, stage: str, stage_fingerprint: str) -> int:
         """Mirror one remote output into the local root; return how many files were downloaded."""

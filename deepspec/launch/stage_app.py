@@ -16,9 +16,11 @@ from torchx.components.dist import parse_nnodes
 from torchx.specs import macros
 from torchx.specs.overlays import set_overlay
 
+from deepspec import __version__
+
 CLI_MODULE = "deepspec.cli"
-# `make build push` tags images $(REGISTRY)/gpu:$(TAG); set `image` in .torchxconfig or pass --image to use one.
-DEFAULT_IMAGE = "localhost:5000/deepspec/gpu:latest"
+# `make build push` tags images $(REGISTRY)/deepspec-gpu:$(TAG); pass --image, or set `image` in .torchxconfig.
+DEFAULT_IMAGE = f"localhost:5000/deepspec-gpu:{__version__}"
 CONFIG_ENV = "DEEPSPEC_CONFIG"
 # AppDef metadata keys the pytorchjob scheduler reads.
 STAGE_KEY = "deepspec.ai/stage"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from deepspec.config import PipelineConfig
+from deepspec.manifest import atomic_write_text
 
 Engine = Literal["vllm", "sglang"]
 ENGINES: tuple[str, ...] = ("vllm", "sglang")
@@ -88,7 +89,7 @@ def serve_command(config: PipelineConfig, model_path: str, options: ServeOptions
             command += ["--revision", revision]
         command += ["--generation-config", "vllm", "--override-generation-config", defaults]
         return command + reasoning
-    command = ["python", "-m", "sglang.launch_server", "--model-path", model_path]
+    command = ["python3", "-m", "sglang.launch_server", "--model-path", model_path]
     command += ["--served-model-name", served_model_name(config)]
     command += ["--host", options.host, "--port", str(options.port), "--dtype", target.dtype]
     command += ["--tp-size", str(options.tensor_parallel_size)]
@@ -102,6 +103,12 @@ def serve_command(config: PipelineConfig, model_path: str, options: ServeOptions
 
 def format_command(command: list[str]) -> str:
     return shlex.join(command)
+
+
+def write_script(path: str | os.PathLike[str], command: list[str]) -> None:
+    """Write ``command`` as an executable ``sh`` script that replaces the shell with the server."""
+    atomic_write_text(path, f"#!/bin/sh\nexec {format_command(command)}\n")
+    os.chmod(path, 0o755)
 
 
 def launch(command: list[str]) -> None:

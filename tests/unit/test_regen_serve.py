@@ -55,7 +55,7 @@ def test_sglang_command_uses_the_configured_model_name(tiny_target_dir):
     config = config_for(str(tiny_target_dir), top_k=0, openai={"endpoints": ["http://x:1/v1"], "model": "target"})
     options = ServeOptions(engine="sglang", host="0.0.0.0", port=30001, tensor_parallel_size=2)
     command = serve_command(config, str(tiny_target_dir), options)
-    assert command[:3] == ["python", "-m", "sglang.launch_server"]
+    assert command[:3] == ["python3", "-m", "sglang.launch_server"]
     flags = dict(zip(command[3::2], command[4::2], strict=True))
     assert flags["--model-path"] == str(tiny_target_dir)
     assert flags["--served-model-name"] == "target"
@@ -99,3 +99,17 @@ def test_shards_cover_each_id_once():
     counts = [sum(ShardSpec(index, 4).owns(record_id) for record_id in ids) for index in range(4)]
     assert min(counts) > 60
     assert sum(counts) == len(ids)
+
+
+def test_script_runs_the_printed_command(tmp_path, capsys):
+    config = config_for("Qwen/Qwen3-4B")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+    script = tmp_path / "serve" / "serve.sh"
+    script.parent.mkdir()
+    assert main(["serve-target", "--config", str(path), "--engine", "sglang", "--script", str(script)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = script.read_text(encoding="utf-8").splitlines()
+    assert lines == ["#!/bin/sh", f"exec {printed}"]
+    assert script.stat().st_mode & 0o111
+    assert shlex.split(lines[1])[1:4] == ["python3", "-m", "sglang.launch_server"]
