@@ -134,3 +134,36 @@ def test_eval_draft_missing_directory_named(prompts_ready, tmp_path):
     assert completed.returncode == 2
     assert "eval.draft=" in completed.stdout + completed.stderr
     assert "has no config.json" in completed.stdout + completed.stderr
+
+
+def test_trained_draft_in_released_layout_keeps_tau(tiny_target_dir, tmp_path):
+    """A pipeline-trained draft, rounded to bf16, evaluates the same from our layout and the released one."""
+    from deepspec.drafts.checkpoint import load_draft, save_draft
+
+    config_path, config = tiny_pipeline_config(
+        tiny_target_dir,
+        tmp_path / "runs",
+        tmp_path,
+        train={"max_steps": 6},
+        eval={"temperatures": [0.0], "compare_untrained": False},
+    )
+    completed = deepspec("run", "--config", str(config_path))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+    draft = load_draft(stage_output(config, "train") / "draft")
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).to(torch.float32))
+    ours = save_draft(draft, tmp_path / "ours")
+    released = save_reference_draft(draft, tmp_path / "released", max_shard_size=20_000)
+    assert (released / INDEX_NAME).is_file()
+
+    taus = []
+    for directory in (ours, released):
+        result = deepspec("eval", "--config", str(config_path), "--draft", str(directory))
+        assert result.returncode == 0, result.stdout + result.stderr
+        external = load_config(config_path, [f"eval.draft={directory}"])
+        report = json.loads((stage_output(external, "eval") / "report.json").read_text())
+        taus.append({name: entry["tau"] for name, entry in report["results"]["trained"]["0.0"].items()})
+    assert taus[0] == taus[1]
+    assert all(tau >= 1.0 for tau in taus[1].values())

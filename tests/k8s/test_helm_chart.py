@@ -39,7 +39,15 @@ from tests.k8s.validate import (
     validate_objects,
 )
 
-VALID_CASES = ("default", "s3", "train-indexed-job", "multinode-rwx", "regen-sglang", "stages-disabled")
+VALID_CASES = (
+    "default",
+    "s3",
+    "train-indexed-job",
+    "multinode-rwx",
+    "regen-sglang",
+    "stages-disabled",
+    "readme-example",
+)
 # Values file -> text that helm lint and helm template must print when they reject it.
 SCHEMA_REJECTS = {
     "invalid-unknown-key": "at '/train': additional properties 'gpus' not allowed",
