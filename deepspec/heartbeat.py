@@ -1,9 +1,9 @@
 """A file that a running stage rewrites every minute, so ``deepspec status`` can tell running from stopped.
 
 While a stage runs, ``<output>/.heartbeat`` is rewritten every ``interval_s``
-seconds with the host, pid and time. It is removed when the stage ends, so a
-stage output without a manifest and with an old (or no) heartbeat belongs to a
-run that failed or was killed; the next run resumes it.
+seconds with the host, pid and time, and removed when the stage ends. A stage
+output without a manifest and without a recent heartbeat therefore belongs to a
+run that failed or was killed. The next run resumes it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Heartbeat:
             try:
                 self.beat()
             except OSError:
-                # A full or vanished volume must not stop the stage; status then reports it as stopped.
+                # A full or vanished volume must not stop the stage. Status then reports the stage as stopped.
                 continue
 
     def __enter__(self) -> Heartbeat:

@@ -40,8 +40,27 @@ GEMMA4_TARGET_MODEL_TYPES = ("gemma4", "gemma4_unified", "gemma4_text", "gemma4_
 GEMMA4_TEXT_MODEL_TYPES = ("gemma4_text", "gemma4_unified_text")
 
 
+class ReferenceLayoutMixin:
+    """Serialise a Gemma4 draft config in DeepSpec's flat ``config.json`` layout (for DSpark and Eagle3)."""
+
+    def __post_init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("global_head_dim", self.global_head_dim)
+        kwargs.setdefault("num_global_key_value_heads", self.num_global_key_value_heads)
+        super().__post_init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        reference_config_layout(output)
+        return output
+
+    def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
+        # Also used by to_diff_dict, which writes config.json.
+        super()._update_heterogeneous_to_dict_output(d)
+        reference_config_layout(d)
+
+
 @strict
-class Gemma4DSparkConfig(Gemma4TextConfig):
+class Gemma4DSparkConfig(ReferenceLayoutMixin, Gemma4TextConfig):
     """A copy of the target's Gemma4 text config plus the draft's own fields (as in DeepSpec's ``config.json``)."""
 
     num_target_layers: int | None = None
@@ -59,21 +78,6 @@ class Gemma4DSparkConfig(Gemma4TextConfig):
     # config.json has DeepSpec's flat layout.
     global_head_dim: int = 512
     num_global_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs.setdefault("global_head_dim", self.global_head_dim)
-        kwargs.setdefault("num_global_key_value_heads", self.num_global_key_value_heads)
-        super().__post_init__(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        reference_config_layout(output)
-        return output
-
-    def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
-        # Also used by to_diff_dict, which writes config.json.
-        super()._update_heterogeneous_to_dict_output(d)
-        reference_config_layout(d)
 
 
 def reference_config_layout(values: dict[str, Any]) -> None:

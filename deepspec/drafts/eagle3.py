@@ -31,7 +31,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from deepspec.config.schema import DraftConfig
 from deepspec.drafts.dspark import DSparkRotaryEmbedding, validate_target_layer_ids
-from deepspec.drafts.dspark_gemma4 import reference_config_layout
+from deepspec.drafts.dspark_gemma4 import ReferenceLayoutMixin
 from deepspec.drafts.eagle3_layers import Gemma4Eagle3DecoderLayer, KeyValue, Qwen3Eagle3DecoderLayer
 from deepspec.drafts.gemma4_layers import (
     Gemma4RMSNorm,
@@ -60,7 +60,7 @@ class Eagle3Config(Qwen3Config):
 
 
 @strict
-class Gemma4Eagle3Config(Gemma4TextConfig):
+class Gemma4Eagle3Config(ReferenceLayoutMixin, Gemma4TextConfig):
     """A copy of the target's Gemma4 text config plus the Eagle3 fields."""
 
     num_target_layers: int | None = None
@@ -75,21 +75,6 @@ class Gemma4Eagle3Config(Gemma4TextConfig):
     # config.json has DeepSpec's flat layout.
     global_head_dim: int = 512
     num_global_key_value_heads: int | None = None
-
-    def __post_init__(self, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs.setdefault("global_head_dim", self.global_head_dim)
-        kwargs.setdefault("num_global_key_value_heads", self.num_global_key_value_heads)
-        super().__post_init__(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        reference_config_layout(output)
-        return output
-
-    def _update_heterogeneous_to_dict_output(self, d: dict[str, Any]) -> None:
-        # Also used by to_diff_dict, which writes config.json.
-        super()._update_heterogeneous_to_dict_output(d)
-        reference_config_layout(d)
 
 
 AnyEagle3Config = Eagle3Config | Gemma4Eagle3Config
