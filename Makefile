@@ -37,6 +37,11 @@ test: install
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory lint-docker
+
 benchmarks: install
 	for script in benchmarks/*.py; do $(BIN)/python $$script || exit 1; done
 
@@ -86,7 +91,7 @@ engine_push_destination = $(if $(filter buildah,$(ENGINE)),docker://$(1))
 image_build_args = --build-arg VERSION=$(PACKAGE_VERSION) --build-arg REVISION=$(GIT_REVISION) \
 	--build-arg SOURCE_URL=$(SOURCE_URL) --build-arg TORCH_VERSION=$(IMAGE_TORCH_VERSION) \
 	$(if $(filter 1,$(WHEELHOUSE_DEPS)),--build-arg PIP_NO_INDEX=1)
-check_image_settings = $(if $(filter $(ENGINE),$(ENGINES)),,$(error ENGINE=$(ENGINE) is not supported; use one of: $(ENGINES)))$(foreach image,$(IMAGES),$(if $(wildcard docker/$(image).Dockerfile),,$(error IMAGES contains $(image), but docker/$(image).Dockerfile does not exist; choose from: $(patsubst docker/%.Dockerfile,%,$(wildcard docker/*.Dockerfile)))))
+check_image_settings = $(if $(filter $(ENGINE),$(ENGINES)),,$(error ENGINE=$(ENGINE) is not supported; use one of: $(ENGINES)))$(if $(strip $(REGISTRY)),,$(error REGISTRY is empty; set it, for example REGISTRY=registry.example.com/team))$(if $(filter %/,$(REGISTRY)),$(error REGISTRY=$(REGISTRY) ends with a slash; drop it))$(if $(strip $(TAG)),,$(error TAG is empty; set it or leave it unset for <version>-<git revision>))$(foreach image,$(IMAGES),$(if $(wildcard docker/$(image).Dockerfile),,$(error IMAGES contains $(image), but docker/$(image).Dockerfile does not exist; choose from: $(patsubst docker/%.Dockerfile,%,$(wildcard docker/*.Dockerfile)))))
 
 define build_image_commands
 	$(strip $(ENGINE) $(ENGINE_FLAGS) $(engine_build_command) $(ENGINE_BUILD_FLAGS) -f docker/$(1).Dockerfile \
@@ -123,6 +128,7 @@ build: image-settings wheelhouse
 
 push: image-settings
 	$(foreach image,$(IMAGES),$(call push_image_commands,$(image)))
+	@echo "for the Helm chart: --set image.registry=$(REGISTRY),image.tag=$(TAG)"
 
 DOCKERFILES ?= $(wildcard docker/*.Dockerfile)
 HADOLINT ?= $(BIN)/hadolint

@@ -1,4 +1,4 @@
-"""The ``deepspec`` command: one subcommand per stage, plus run, wait, status and toy-target.
+"""The ``deepspec`` command: one subcommand per stage, plus run, wait, status, compare, serve-target and toy-target.
 
 Examples::
 
@@ -62,15 +62,28 @@ def _stage_runner(stage: str) -> Callable[[PipelineConfig], Path]:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def _non_negative(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _positive(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
@@ -102,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", choices=("vllm", "sglang"), default="vllm")
     serve.add_argument("--launch", action="store_true", help="replace this process with the server")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other pods)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs one server spans")
     serve.add_argument("--max-model-len", type=int, help="context length the server allocates for")
     serve.add_argument(
@@ -167,6 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DEEPSPEC_DEBUG"):
             raise
         logger.error("%s: %s", type(error).__name__, error)
+        return 2
+    except Exception as error:
+        from_s3_client = type(error).__module__.startswith(("botocore", "boto3", "s3transfer"))
+        if not from_s3_client or os.environ.get("DEEPSPEC_DEBUG"):
+            raise
+        logger.error(
+            "S3 request failed: %s: %s. Check the bucket in storage.root, the AWS_* credentials and "
+            "AWS_ENDPOINT_URL (DEEPSPEC_DEBUG=1 shows the traceback)",
+            type(error).__name__,
+            error,
+        )
         return 2
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to resume")

@@ -63,3 +63,20 @@ class Heartbeat:
 def is_fresh(age_s: float | None, interval_s: float = HEARTBEAT_INTERVAL_S, slack_s: float = 0.0) -> bool:
     """Return whether a heartbeat ``age_s`` seconds old comes from a stage that is still running."""
     return age_s is not None and age_s <= STALE_AFTER_INTERVALS * interval_s + slack_s
+
+
+def writer_gone(path: Path) -> bool:
+    """Return whether the heartbeat at ``path`` was written by a process of this host that no longer exists."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if payload.get("host") != socket.gethostname() or not isinstance(payload.get("pid"), int):
+        return False
+    try:
+        os.kill(payload["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

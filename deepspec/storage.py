@@ -1,4 +1,4 @@
-"""Where stage outputs live: a local or mounted folder, or an ``s3://bucket/prefix`` URI.
+"""Stage output storage: a local or mounted folder, or an ``s3://bucket/prefix`` URI.
 
 Stages read and write plain files under a local root. With an S3 root that local
 root is a staging mirror (``storage.staging_dir``, else ``$DEEPSPEC_STAGING_DIR``,
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspec.config import ConfigError, PipelineConfig
-from deepspec.heartbeat import HEARTBEAT_NAME
+from deepspec.heartbeat import HEARTBEAT_NAME, writer_gone
 from deepspec.manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger("deepspec.storage")
@@ -161,10 +161,12 @@ class Storage:
         return bool(self.remote.list(f"{stage}/{stage_fingerprint}"))
 
     def heartbeat_age(self, stage: str, stage_fingerprint: str) -> float | None:
-        """Return the seconds since a running stage last wrote its heartbeat, or None without one."""
+        """Return the seconds since a stage last wrote its heartbeat; None without one or when its writer died."""
         if self.remote is None:
             path = self.local_dir(stage, stage_fingerprint) / HEARTBEAT_NAME
-            return time.time() - path.stat().st_mtime if path.is_file() else None
+            if not path.is_file() or writer_gone(path):
+                return None
+            return time.time() - path.stat().st_mtime
         found = self.remote.list(f"{stage}/{stage_fingerprint}").get(HEARTBEAT_NAME)
         return None if found is None else time.time() - found.mtime
 

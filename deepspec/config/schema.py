@@ -6,6 +6,7 @@ Every model forbids unknown keys, so a misspelt key in a YAML file or a
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -260,7 +261,7 @@ class EvalConfig(StrictModel):
 
 class StorageConfig(StrictModel):
     root: str = Field(
-        "runs", description="local or mounted folder, or s3://bucket/prefix, that holds every stage output"
+        "runs", description="local or mounted folder, or s3://bucket/prefix, that contains every stage output"
     )
     staging_dir: str | None = Field(
         None, description="local mirror of an s3:// root; defaults to $DEEPSPEC_STAGING_DIR, else ~/.cache/deepspec"
@@ -268,8 +269,17 @@ class StorageConfig(StrictModel):
     sync_interval_s: float = Field(300.0, ge=0, description="seconds between progress uploads to S3; 0 only at the end")
 
     @model_validator(mode="after")
-    def _s3_root_has_bucket(self) -> StorageConfig:
-        if self.root.startswith("s3://") and not self.root[len("s3://") :].split("/")[0]:
+    def _supported_root(self) -> StorageConfig:
+        root = self.root.strip()
+        if not root:
+            raise ValueError("storage.root is empty; set a folder (for example runs) or s3://<bucket>/<prefix>")
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):/", root)
+        if scheme and not root.startswith("s3://"):
+            raise ValueError(
+                f"storage.root={self.root!r} uses the unsupported scheme {scheme.group(1)!r}; use a local or "
+                "mounted folder, or s3://<bucket>/<prefix> (lowercase s3, two slashes)"
+            )
+        if root.startswith("s3://") and not root[len("s3://") :].split("/")[0]:
             raise ValueError(f"storage.root={self.root!r} names no bucket; write it as s3://<bucket>/<prefix>")
         return self
 

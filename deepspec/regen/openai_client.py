@@ -230,6 +230,12 @@ class OpenAIChatClient:
         if self._healthy_event.is_set():
             return
         self._all_down_since = time.monotonic()
+        logger.info(
+            "waiting up to %.0f s for %d endpoint(s) to answer GET /models: %s",
+            self.settings.ready_timeout_s,
+            len(self._states),
+            ", ".join(state.base_url for state in self._states),
+        )
         for state in self._states:
             self._start_probe(state, first_delay_s=0.0)
         ready = asyncio.ensure_future(self._healthy_event.wait())

@@ -213,3 +213,15 @@ def test_unfinished_push_keeps_other_shards(s3_endpoint, tmp_path):
         "shards/regen/f2/shards/shard-0.jsonl",
         "shards/regen/f2/shards/shard-1.jsonl",
     }
+
+
+def test_unreachable_s3_gives_one_error_line(tmp_path):
+    raw = tiny_pipeline_raw(Path("unused"), Path("unused"))
+    raw["storage"] = {"root": f"s3://{BUCKET}/down", "staging_dir": str(tmp_path / "staging")}
+    config_path = write_config(tmp_path / "down.yaml", raw)
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    completed = deepspec("status", "--config", str(config_path), env={**env, "AWS_MAX_ATTEMPTS": "1"})
+    assert completed.returncode == 2
+    output = completed.stdout + completed.stderr
+    assert "S3 request failed: EndpointConnectionError" in output
+    assert "Traceback" not in output

@@ -518,6 +518,43 @@ def test_sharded_regen_without_server_fails() -> None:
     assert "regen.shards is 2 but regen.server.enabled is false" in result.stderr
 
 
+def test_sharded_regen_with_own_endpoints() -> None:
+    external = "http://10.0.0.1:8000/v1"
+    objects = helm_template(
+        set_values=[
+            "regen.server.enabled=false",
+            "regen.shards=2",
+            "config.regen.backend=openai",
+            f"config.regen.openai.endpoints[0]={external}",
+        ]
+    )
+    assert config_in(objects)["regen"]["openai"]["endpoints"] == [external]
+    validate_objects(objects)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("config.regen.backend=local", "config.regen.backend is local but regen.server.enabled is true"),
+        (
+            "config.regen.openai.endpoints[0]=http://10.0.0.1:8000/v1",
+            "config.regen.openai.endpoints is set but regen.server.enabled is true",
+        ),
+    ],
+)
+def test_sidecar_settings_not_silently_replaced(setting: str, message: str) -> None:
+    result = helm_template_result(set_values=[setting])
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_multinode_cache_on_s3_fails() -> None:
+    s3 = ["storage.type=s3", "storage.s3.root=s3://bkt/p", "storage.s3.existingSecret=aws", "cache.nodes=2"]
+    result = helm_template_result(set_values=s3)
+    assert result.returncode != 0
+    assert "cache.nodes is 2 with storage.type s3" in result.stderr
+
+
 def test_regen_in_process_without_server() -> None:
     objects = helm_template(set_values=["regen.server.enabled=false", "regen.shards=1"])
     (job,) = find(objects, "Job", "regen")
@@ -594,3 +631,16 @@ def test_validator_rejects_pytorchjob_typo() -> None:
 def test_validator_rejects_kind_without_schema() -> None:
     with pytest.raises(AssertionError, match="no Kubernetes 1.29.0 schema"):
         validate_object({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+
+
+def test_enabling_next_stage_keeps_existing_objects() -> None:
+    """`helm upgrade` that only enables the next stage must not change a Job (their templates are immutable)."""
+
+    def by_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(obj["kind"], obj["metadata"]["name"]): obj for obj in objects}
+
+    before = by_name(helm_template(set_values=["cache.enabled=false", "train.enabled=false", "eval.enabled=false"]))
+    after = by_name(helm_template(set_values=["train.enabled=false", "eval.enabled=false"]))
+    for key, obj in before.items():
+        assert after[key] == obj, key
+    assert sorted(set(after) - set(before)) == [("Job", "ds-deepspec-pipeline-cache")]

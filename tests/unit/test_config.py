@@ -176,3 +176,14 @@ def test_external_draft_runs_only_prompts_and_eval():
     assert needed_stages(config) == ["prompts", "regen", "cache", "train", "eval"]
     external = validate_config({**MINIMAL, "eval": {"draft": "/models/dspark_qwen3_4b_block7"}})
     assert needed_stages(external) == ["prompts", "eval"]
+
+
+@pytest.mark.parametrize("root", ["", "gs://bucket/x", "S3://bkt/p", "s3:/bkt/p", "s3a://bkt/p", "https://host/p"])
+def test_unsupported_storage_root_rejected(root):
+    with pytest.raises(ConfigError, match="storage.root"):
+        validate_config({**MINIMAL, "storage": {"root": root}})
+
+
+def test_folder_and_s3_roots_accepted():
+    assert validate_config({**MINIMAL, "storage": {"root": "/data/runs"}}).storage.root == "/data/runs"
+    assert validate_config({**MINIMAL, "storage": {"root": "s3://bkt/p"}}).storage.root == "s3://bkt/p"

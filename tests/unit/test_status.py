@@ -43,3 +43,20 @@ def test_heartbeat_removed_when_stage_ends(tmp_path):
         assert (tmp_path / "out" / HEARTBEAT_NAME).is_file()
         time.sleep(0.05)
     assert not (tmp_path / "out" / HEARTBEAT_NAME).exists()
+
+
+def test_heartbeat_of_dead_process_means_stopped(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    config = make_config(tmp_path / "runs")
+    storage = open_storage(config)
+    regen = storage.local_dir("regen", stage_fingerprints(config)["regen"])
+    regen.mkdir(parents=True)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    payload = {"host": socket.gethostname(), "pid": dead_pid, "time": time.time()}
+    (regen / HEARTBEAT_NAME).write_text(json.dumps(payload))
+    assert states(format_status(config, storage))["regen"] == "stopped"

@@ -265,4 +265,7 @@ nodes would never start.
 {{- if and (eq $root.Values.storage.type "pvc") (gt (int .nodes) 1) (ne $root.Values.storage.pvc.accessMode "ReadWriteMany") }}
 {{- fail (printf "%s.nodes is %d but storage.pvc.accessMode is %s, which one node at a time can mount; set storage.pvc.accessMode to ReadWriteMany (with a storage class that supports it) or use storage.type s3" .stage (int .nodes) $root.Values.storage.pvc.accessMode) }}
 {{- end }}
+{{- if and (eq $root.Values.storage.type "s3") (eq .stage "cache") (gt (int .nodes) 1) }}
+{{- fail (printf "cache.nodes is %d with storage.type s3: a cache built on several nodes must meet in one folder before it is finalized; set cache.nodes to 1 or use storage.type pvc with accessMode ReadWriteMany" (int .nodes)) }}
+{{- end }}
 {{- end }}
