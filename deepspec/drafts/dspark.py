@@ -34,11 +34,13 @@ from deepspec.drafts.dspark_backbone import (
     anchor_candidates,
     block_labels,
     build_block_attention_mask,
+    dspark_config_fields,
     sample_anchor_positions,
     validate_draft_fields,
     validate_target_layer_ids,
 )
 from deepspec.drafts.dspark_gemma4 import GEMMA4_TARGET_MODEL_TYPES, build_gemma4_draft
+from deepspec.drafts.from_target import instantiate_from_target
 
 ARCHITECTURE = "Qwen3DSparkModel"
 
@@ -307,36 +309,20 @@ def build_draft(
         architectures=[ARCHITECTURE],
         num_hidden_layers=num_layers,
         layer_types=["full_attention"] * num_layers,
-        tie_word_embeddings=False,
-        num_target_layers=num_target_layers,
-        target_layer_ids=list(layer_ids),
-        block_size=block_size,
-        mask_token_id=mask_token_id,
-        num_anchors=num_anchors,
-        enable_confidence_head=enable_confidence_head,
-        confidence_head_with_markov=confidence_head_with_markov if enable_confidence_head else None,
-        markov_rank=markov_rank,
-        markov_head_type=markov_head_type if markov_rank > 0 else None,
+        **dspark_config_fields(
+            num_target_layers=num_target_layers,
+            layer_ids=layer_ids,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            num_anchors=num_anchors,
+            enable_confidence_head=enable_confidence_head,
+            confidence_head_with_markov=confidence_head_with_markov,
+            markov_rank=markov_rank,
+            markov_head_type=markov_head_type,
+        ),
     )
     config = DSparkConfig(**values)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        draft = Qwen3DSparkModel(config).float()
-    config.dtype = torch.float32
-
-    if tuple(embed.weight.shape) != tuple(draft.embed_tokens.weight.shape):
-        raise ValueError(
-            f"target input embedding has shape {tuple(embed.weight.shape)}, expected "
-            f"{tuple(draft.embed_tokens.weight.shape)} from its config (vocab_size x hidden_size)"
-        )
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(embed.weight)
-        draft.lm_head.weight.copy_(head.weight)
-        # The draft's final norm starts from the target's scale instead of ones, so
-        # the frozen LM head gets inputs on the target's scale from the first step.
-        # On tiny CPU models this measurably speeds up early training.
-        draft.norm.weight.copy_(norm.weight)
-    return draft
+    return instantiate_from_target(Qwen3DSparkModel, config, seed=seed, embed=embed, head=head, norm=norm)
 
 
 def draft_kwargs_from_config(

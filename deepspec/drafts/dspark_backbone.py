@@ -350,3 +350,31 @@ class DSparkModelBase(PreTrainedModel):
         )
 
     forward_train = forward
+
+
+def dspark_config_fields(
+    *,
+    num_target_layers: int,
+    layer_ids: list[int],
+    block_size: int,
+    mask_token_id: int,
+    num_anchors: int,
+    enable_confidence_head: bool,
+    confidence_head_with_markov: bool | None,
+    markov_rank: int,
+    markov_head_type: str | None,
+) -> dict[str, Any]:
+    """Return the draft fields a DSpark / DFlash ``config.json`` adds to the copied target config."""
+    return {
+        "tie_word_embeddings": False,
+        "num_target_layers": num_target_layers,
+        "target_layer_ids": list(layer_ids),
+        "block_size": block_size,
+        "mask_token_id": mask_token_id,
+        "num_anchors": num_anchors,
+        "enable_confidence_head": enable_confidence_head,
+        # The reference leaves the settings of a disabled head out of config.json.
+        "confidence_head_with_markov": confidence_head_with_markov if enable_confidence_head else None,
+        "markov_rank": markov_rank,
+        "markov_head_type": markov_head_type if markov_rank > 0 else None,
+    }

@@ -21,9 +21,11 @@ from transformers.models.gemma4 import Gemma4TextConfig
 from deepspec.drafts.dspark_backbone import (
     ContextKV,
     DSparkModelBase,
+    dspark_config_fields,
     validate_draft_fields,
     validate_target_layer_ids,
 )
+from deepspec.drafts.from_target import instantiate_from_target
 from deepspec.drafts.gemma4_layers import (
     FULL_ATTENTION,
     Gemma4RMSNorm,
@@ -251,34 +253,20 @@ def build_gemma4_draft(
         architectures=[GEMMA4_ARCHITECTURE],
         num_hidden_layers=num_layers,
         layer_types=[FULL_ATTENTION] * num_layers,
-        tie_word_embeddings=False,
-        num_target_layers=num_target_layers,
-        target_layer_ids=list(layer_ids),
-        block_size=block_size,
-        mask_token_id=mask_token_id,
-        num_anchors=num_anchors,
-        enable_confidence_head=enable_confidence_head,
-        confidence_head_with_markov=confidence_head_with_markov if enable_confidence_head else None,
-        markov_rank=markov_rank,
-        markov_head_type=markov_head_type if markov_rank > 0 else None,
+        **dspark_config_fields(
+            num_target_layers=num_target_layers,
+            layer_ids=layer_ids,
+            block_size=block_size,
+            mask_token_id=mask_token_id,
+            num_anchors=num_anchors,
+            enable_confidence_head=enable_confidence_head,
+            confidence_head_with_markov=confidence_head_with_markov,
+            markov_rank=markov_rank,
+            markov_head_type=markov_head_type,
+        ),
         target_model_type=target_config.model_type,
         target_text_model_type=text_config.model_type,
     )
     config = Gemma4DSparkConfig(**values)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        draft = Gemma4DSparkModel(config).float()
-    config.dtype = torch.float32
-
-    if tuple(embed.weight.shape) != tuple(draft.embed_tokens.weight.shape):
-        raise ValueError(
-            f"target input embedding has shape {tuple(embed.weight.shape)}, expected "
-            f"{tuple(draft.embed_tokens.weight.shape)} from its config (vocab_size x hidden_size)"
-        )
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(embed.weight)
-        draft.lm_head.weight.copy_(head.weight)
-        # The draft's final norm starts from the target's scale, so the frozen LM head gets inputs on
-        # the target's scale from the first step (both norms use the weight as is).
-        draft.norm.weight.copy_(norm.weight)
-    return draft
+    # Both the target's and the draft's Gemma4 norms use the weight as is, so copying it keeps the scale.
+    return instantiate_from_target(Gemma4DSparkModel, config, seed=seed, embed=embed, head=head, norm=norm)

@@ -33,6 +33,7 @@ from deepspec.config.schema import DraftConfig
 from deepspec.drafts.dspark import DSparkRotaryEmbedding, validate_target_layer_ids
 from deepspec.drafts.dspark_gemma4 import ReferenceLayoutMixin
 from deepspec.drafts.eagle3_layers import Gemma4Eagle3DecoderLayer, KeyValue, Qwen3Eagle3DecoderLayer
+from deepspec.drafts.from_target import instantiate_from_target
 from deepspec.drafts.gemma4_layers import (
     Gemma4RMSNorm,
     Gemma4RotaryEmbedding,
@@ -459,23 +460,7 @@ def build_eagle3_draft(
     config = model_class.config_class(architectures=[architecture], **values)
 
     embed, head, norm = _target_parts(target_model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        draft = model_class(config).float()
-    config.dtype = torch.float32
-    if tuple(embed.weight.shape) != tuple(draft.embed_tokens.weight.shape):
-        raise ValueError(
-            f"target input embedding has shape {tuple(embed.weight.shape)}, expected "
-            f"{tuple(draft.embed_tokens.weight.shape)} from its config (vocab_size x hidden_size)"
-        )
-    with torch.no_grad():
-        draft.embed_tokens.weight.copy_(embed.weight)
-        draft.lm_head.weight.copy_(head.weight)
-        # The draft's final norm starts from the target's scale instead of ones, so the frozen
-        # LM head gets inputs on the target's scale from the first step (faster early training).
-        if norm is not None and getattr(norm, "weight", None) is not None:
-            draft.norm.weight.copy_(norm.weight)
-    return draft
+    return instantiate_from_target(model_class, config, seed=seed, embed=embed, head=head, norm=norm)
 
 
 def eagle3_model_class(architecture: str) -> type[Eagle3Model]:
