@@ -292,8 +292,9 @@ def needed_stages(config: PipelineConfig) -> list[str]:
 
 def run_stage(config: PipelineConfig, storage: Storage, stage: str) -> None:
     """Run one stage in this process, through the S3 mirror when the root is remote."""
-    if storage.is_remote and storage.has_manifest(stage, stage_fingerprints(config)[stage]):
-        logger.info("%s: up to date (%s)", stage, storage.uri(stage, stage_fingerprints(config)[stage]))
+    stage_fingerprint = stage_fingerprints(config)[stage]
+    if storage.is_remote and storage.has_manifest(stage, stage_fingerprint):
+        logger.info("%s: up to date (%s)", stage, storage.uri(stage, stage_fingerprint))
         return
     with stage_session(config, storage, stage):
         _stage_runner(stage)(localize(config, storage))

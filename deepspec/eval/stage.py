@@ -141,7 +141,7 @@ def build_prompts(
             if text is None:
                 rejects.add("no_user_turn", record_id=record.get("id"), detail="no non-empty user message")
                 continue
-            # Rendered as regen rendered the training prompts, so the draft sees the same prompt format.
+            # Rendered as regen rendered the training prompts, so the draft gets the same prompt format.
             prompt_ids = render_prompt_ids(
                 tokenizer, [{"role": "user", "content": text}], enable_thinking=enable_thinking
             )

@@ -231,7 +231,7 @@ class OpenAIChatClient:
             return
         self._all_down_since = time.monotonic()
         logger.info(
-            "waiting up to %.0f s for %d endpoint(s) to answer GET /models: %s",
+            "waiting up to %.0f s for %d endpoint(s) to respond to GET /models: %s",
             self.settings.ready_timeout_s,
             len(self._states),
             ", ".join(state.base_url for state in self._states),
